@@ -1,0 +1,91 @@
+"""Floor 1: the array module, dtypes and randomness.
+
+Every other file does array work through ``backend.xp``: NumPy by default, CuPy when
+``LORA_NUMPY_BACKEND=cupy`` is set or :func:`set_backend` picks it. Code reads ``backend.xp``
+at call time (never ``from .backend import xp``) so that a switch reaches every op.
+
+Randomness never hides in global state: every random draw takes a ``Generator`` that the caller
+owns, made by :func:`rng` from a seed, so one seed gives bit-identical runs.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+xp = np  # the array module every op uses; swapped by set_backend
+name = "numpy"
+DEFAULT_DTYPE = np.float32  # training runs in float32; gradcheck asks for float64 explicitly
+
+
+def _import_cupy():
+    """Import CuPy and prove a GPU answers, or raise an error that says what to do."""
+    try:
+        import cupy
+    except ImportError as err:
+        raise RuntimeError(
+            "backend 'cupy' was requested but CuPy is not installed; install the CuPy wheel "
+            "for your CUDA version (e.g. `pip install cupy-cuda12x`) or use backend 'numpy'"
+        ) from err
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # CUDA driver missing or broken
+        raise RuntimeError(f"backend 'cupy' was requested but CUDA is unusable: {err}") from err
+    if count == 0:
+        raise RuntimeError("backend 'cupy' was requested but no GPU is visible; use backend 'numpy'")
+    return cupy
+
+
+def set_backend(backend: str) -> None:
+    """Select the array module: ``"numpy"`` (CPU) or ``"cupy"`` (NVIDIA GPU)."""
+    global xp, name
+    if backend == "numpy":
+        xp, name = np, "numpy"
+    elif backend == "cupy":
+        xp, name = _import_cupy(), "cupy"
+    else:
+        raise ValueError(f"unknown backend {backend!r}; choose 'numpy' or 'cupy'")
+
+
+def is_cupy_array(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def to_numpy(a) -> np.ndarray:
+    """Bring an array (NumPy or CuPy) back to the host as a NumPy array."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def asarray(a, dtype=None):
+    """Put ``a`` on the current backend's device (host to GPU copy if needed)."""
+    if name == "cupy" and isinstance(a, np.ndarray):
+        return xp.asarray(a, dtype=dtype)
+    if name == "numpy" and is_cupy_array(a):
+        raise TypeError(
+            "got a CuPy array while the backend is 'numpy'; call to_numpy() on it first "
+            "or set_backend('cupy')"
+        )
+    return xp.asarray(a, dtype=dtype)
+
+
+def rng(seed: int | None = None) -> np.random.Generator:
+    """A seeded NumPy Generator. Random draws happen on the host, then move to the device,
+    so the same seed gives the same numbers on NumPy and CuPy."""
+    return np.random.default_rng(seed)
+
+
+def scatter_add(target, indices, values) -> None:
+    """``target[indices] += values`` where repeated indices add up (plain ``+=`` keeps only one)."""
+    if name == "cupy":
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
+    else:
+        np.add.at(target, indices, values)
+
+
+_requested = os.environ.get("LORA_NUMPY_BACKEND", "numpy").strip().lower()
+if _requested != "numpy":
+    set_backend(_requested)

@@ -1,0 +1,223 @@
+"""Floor 3: fused ops with hand-derived backward passes (imported as ``F``).
+
+Building softmax or layer norm from elementary ops would work, but each elementary op saves
+its own inputs and adds a node; here one node saves only what its backward needs and the
+backward is a few whole-array expressions. Each op states its derivative in one comment.
+
+Shapes: ``...`` means any number of leading (batch) axes.
+"""
+from __future__ import annotations
+
+import math
+
+from . import backend as B
+from .tensor import Tensor, _unbroadcast
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _data(x):
+    return x.data if isinstance(x, Tensor) else B.asarray(x)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ weightᵀ + bias``; x (..., in), weight (out, in), bias (out,) -> y (..., out).
+
+    Fused so the weight gradient is one 2-D matmul over all rows, and so a frozen weight
+    (``requires_grad=False``) costs no ``dW`` at all.
+    """
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features (shape {x.shape}) but weight "
+                         f"of shape {weight.shape} expects {weight.shape[1]}")
+    out = x.data @ weight.data.T
+    if bias is not None:
+        out += bias.data
+    parents = (x, weight) if bias is None else (x, weight, bias)
+
+    def backward(g):  # dx = g W, dW = gᵀ x (summed over rows), db = Σ_rows g
+        g2 = g.reshape(-1, g.shape[-1])
+        grads = [g @ weight.data if x.requires_grad else None,
+                 g2.T @ x.data.reshape(-1, x.shape[-1]) if weight.requires_grad else None]
+        if bias is not None:
+            grads.append(g2.sum(axis=0) if bias.requires_grad else None)
+        return grads
+    return Tensor._result(out, parents, backward, "linear")
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """``exp(x) / Σ exp(x)`` along ``axis``, computed on ``x - max`` so it never overflows."""
+    e = B.xp.exp(x.data - x.data.max(axis=axis, keepdims=True))
+    y = e / e.sum(axis=axis, keepdims=True)
+
+    def backward(g):  # dx = y ⊙ (g - Σ g⊙y)
+        return (y * (g - (g * y).sum(axis=axis, keepdims=True)),)
+    return Tensor._result(y, (x,), backward, "softmax")
+
+
+def _log_softmax_array(z, axis):
+    shifted = z - z.max(axis=axis, keepdims=True)
+    return shifted - B.xp.log(B.xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """``x - logsumexp(x)`` along ``axis``, stable for logits of any size."""
+    y = _log_softmax_array(x.data, axis)
+
+    def backward(g):  # dx = g - softmax(x) Σ g
+        return (g - B.xp.exp(y) * g.sum(axis=axis, keepdims=True),)
+    return Tensor._result(y, (x,), backward, "log_softmax")
+
+
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, weight=None) -> Tensor:
+    """Mean negative log-likelihood of ``targets`` under ``softmax(logits)``.
+
+    logits (..., C), targets (...) integer class ids. Targets equal to ``ignore_index`` do not
+    count. With class weights ``weight`` (C,) the mean is weighted, as in PyTorch:
+    ``loss = Σ_i w[t_i] · (-log p_i[t_i]) / Σ_i w[t_i]``.
+    """
+    n_classes = logits.shape[-1]
+    z = logits.data.reshape(-1, n_classes)
+    t = _data(targets).reshape(-1)
+    if t.shape[0] != z.shape[0]:
+        raise ValueError(f"cross_entropy: logits {logits.shape} need targets of shape "
+                         f"{logits.shape[:-1]}, got {_data(targets).shape}")
+    counted = t != ignore_index
+    safe_t = B.xp.where(counted, t, 0)
+    if bool(((safe_t < 0) | (safe_t >= n_classes)).any()):
+        bad = B.to_numpy(t[counted & ((t < 0) | (t >= n_classes))])[:5]
+        raise ValueError(f"cross_entropy: target ids {bad.tolist()} are outside [0, {n_classes}) "
+                         f"and are not ignore_index={ignore_index}")
+    w = counted.astype(z.dtype)
+    if weight is not None:
+        w = w * _data(weight).astype(z.dtype)[safe_t]
+    total = w.sum()  # PyTorch's convention: all targets ignored gives 0/0 = nan
+    logp = _log_softmax_array(z, axis=-1)
+    rows = B.xp.arange(z.shape[0])
+    loss = -(w * logp[rows, safe_t]).sum() / total
+
+    def backward(g):  # dz = (softmax(z) - onehot(t)) · w / Σw
+        dz = B.xp.exp(logp)
+        dz[rows, safe_t] -= 1
+        dz *= (g * w / total)[:, None]
+        return (dz.reshape(logits.shape),)
+    return Tensor._result(loss, (logits,), backward, "cross_entropy")
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """Normalise the last axis to zero mean, unit variance, then scale and shift.
+
+    x (..., D), weight and bias (D,). ``y = (x - μ) / sqrt(σ² + eps) · weight + bias``.
+    """
+    mu = x.data.mean(axis=-1, keepdims=True)
+    xc = x.data - mu
+    rstd = 1.0 / B.xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    y = xhat if weight is None else xhat * weight.data
+    if bias is not None:
+        y = y + bias.data
+    parents = tuple(p for p in (x, weight, bias) if p is not None)
+
+    def backward(g):
+        grads = []
+        if x.requires_grad:  # dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ x̂)), ĝ = g · weight
+            gh = g if weight is None else g * weight.data
+            grads.append(rstd * (gh - gh.mean(axis=-1, keepdims=True)
+                                 - xhat * (gh * xhat).mean(axis=-1, keepdims=True)))
+        else:
+            grads.append(None)
+        if weight is not None:  # dweight = Σ_rows g · x̂
+            grads.append(_unbroadcast(g * xhat, weight.shape) if weight.requires_grad else None)
+        if bias is not None:  # dbias = Σ_rows g
+            grads.append(_unbroadcast(g, bias.shape) if bias.requires_grad else None)
+        return grads
+    return Tensor._result(y, parents, backward, "layer_norm")
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU, tanh form (GPT-2's): ``0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))``."""
+    a = x.data
+    t = B.xp.tanh(_GELU_C * (a + 0.044715 * a * a * a))
+    y = 0.5 * a * (1 + t)
+
+    def backward(g):  # dy/dx = ½(1+t) + ½ x (1-t²) √(2/π) (1 + 3·0.044715 x²)
+        return (g * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * _GELU_C * (1 + 0.134145 * a * a)),)
+    return Tensor._result(y, (x,), backward, "gelu")
+
+
+def dropout(x: Tensor, p: float, training: bool, rng) -> Tensor:
+    """Zero each element with probability ``p`` and scale survivors by ``1/(1-p)`` (inverted
+    dropout), so evaluation needs no rescaling. Identity when not training or ``p == 0``.
+
+    ``rng`` is a ``numpy.random.Generator``; the mask is drawn on the host so a seed gives the
+    same mask on every backend.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    keep = rng.random(x.shape, dtype="float32") >= p
+    mask = B.asarray(keep, dtype=x.dtype) * (1.0 / (1.0 - p))
+
+    def backward(g):  # dy/dx = mask / (1-p)
+        return (g * mask,)
+    return Tensor._result(x.data * mask, (x,), backward, "dropout")
+
+
+def embedding(idx, weight: Tensor) -> Tensor:
+    """Rows of ``weight`` (V, D) picked by integer ids ``idx`` (...) -> (..., D)."""
+    ids = _data(idx)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+        raise IndexError(f"embedding ids must be in [0, {weight.shape[0]}), got range "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+
+    def backward(g):  # dW[v] = Σ of g over every position whose id is v (ids repeat)
+        dw = B.xp.zeros_like(weight.data)
+        B.scatter_add(dw, ids.reshape(-1), g.reshape(-1, weight.shape[1]))
+        return (dw,)
+    return Tensor._result(weight.data[ids], (weight,), backward, "embedding")
+
+
+def causal_mask(t_q: int, t_k: int):
+    """Boolean (t_q, t_k), True where a query may NOT look: keys after the query's position.
+    Queries are the last ``t_q`` of ``t_k`` positions."""
+    return B.xp.triu(B.xp.ones((t_q, t_k), dtype=bool), k=1 + t_k - t_q)
+
+
+def attention_weights(q: Tensor, k: Tensor, causal: bool = True):
+    """The softmax attention matrix as a plain array (..., Tq, Tk), for plots and tests."""
+    scores = (q.data @ k.data.swapaxes(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        scores = B.xp.where(causal_mask(q.shape[-2], k.shape[-2]), -B.xp.inf, scores)
+    e = B.xp.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    """``softmax(q kᵀ / √d) v``; q (..., Tq, d), k (..., Tk, d), v (..., Tk, dv) -> (..., Tq, dv).
+
+    With ``causal`` each query attends only to keys at its own position or before it. One node
+    saves q, k, v and the attention matrix P; the scores are not kept.
+    """
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"attention shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape}")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    p = attention_weights(q, k, causal).astype(q.dtype, copy=False)
+    out = p @ v.data
+
+    def backward(g):
+        # dv = Pᵀ g;  dP = g vᵀ;  dS = P ⊙ (dP - Σ_k dP⊙P);  dq = dS k / √d;  dk = dSᵀ q / √d
+        gv = _unbroadcast(p.swapaxes(-1, -2) @ g, v.shape) if v.requires_grad else None
+        gq = gk = None
+        if q.requires_grad or k.requires_grad:
+            dp = g @ v.data.swapaxes(-1, -2)
+            ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+            ds *= scale
+            if q.requires_grad:
+                gq = _unbroadcast(ds @ k.data, q.shape)
+            if k.requires_grad:
+                gk = _unbroadcast(ds.swapaxes(-1, -2) @ q.data, k.shape)
+        return gq, gk, gv
+    return Tensor._result(out, (q, k, v), backward, "attention")

@@ -1,0 +1,480 @@
+"""Floor 2: ``Tensor``, the dynamic graph and reverse-mode autograd.
+
+Every op computes its result from ``.data`` and, when some input requires a gradient, records
+a node: the inputs (``_prev``) and a closure (``_backward``) that maps the gradient of the
+output to the gradient of each input. ``backward()`` walks the graph once in reverse
+topological order, so each node's gradient is complete (summed over every use) before it is
+passed on. Two rules keep this fast enough for a Transformer:
+
+* a closure computes the gradient of an input only if that input requires one, so
+  ``x @ W.T`` with a frozen ``W`` never builds ``dW`` (this is where LoRA saves work);
+* after ``backward()`` each node drops its closure and inputs, which frees every array the
+  forward pass saved, unless ``retain_graph=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from . import backend as B
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Run ops without recording a graph (evaluation, parameter updates)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+def _to_array(data, dtype=None):
+    """Python numbers and lists become float32 (ints stay ints); arrays keep their dtype."""
+    if isinstance(data, Tensor):
+        data = data.data
+    if dtype is None and not hasattr(data, "dtype"):
+        array = B.xp.asarray(data)
+        if array.dtype.kind == "f":
+            array = array.astype(B.DEFAULT_DTYPE)
+        return array
+    return B.asarray(data, dtype=dtype)
+
+
+def _unbroadcast(grad, shape):
+    """Sum ``grad`` back to ``shape``: an operand broadcast along an axis was used once per
+    position on it, so its gradient is the sum over that axis."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad
+
+
+def _check_same_device(a, b):
+    if type(a) is not type(b) and B.is_cupy_array(a) != B.is_cupy_array(b):
+        raise TypeError(
+            "cannot mix a NumPy array and a CuPy array in one op; move both to one device "
+            "(backend.to_numpy(...) for the host, backend.asarray(...) for the current backend)"
+        )
+
+
+class Tensor:
+    """An array with an optional gradient and the op that made it.
+
+    ``data`` is a NumPy or CuPy array; ``grad`` is an array of the same shape (or None), set by
+    ``backward()`` on leaves (tensors made by the user, such as parameters) and accumulated
+    across calls until the user clears it.
+    """
+
+    __slots__ = ("data", "grad", "requires_grad", "_prev", "_backward", "_op", "_freed",
+                 "_retains_grad", "__weakref__")
+    # Make `ndarray + Tensor` call Tensor.__radd__ instead of NumPy's elementwise loop.
+    __array_ufunc__ = None
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None):
+        self.data = _to_array(data, dtype)
+        if requires_grad and self.data.dtype.kind != "f":
+            raise TypeError(f"only floating tensors can require grad, got dtype {self.data.dtype}")
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._prev = ()
+        self._backward = None
+        self._op = ""
+        self._freed = False
+        self._retains_grad = False
+
+    # ---- basic properties -------------------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._backward is None and not self._freed
+
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = f", grad_fn={self._op}" if self._op else (", requires_grad=True" if self.requires_grad else "")
+        values = np.array2string(B.to_numpy(self.data), precision=4, separator=", ")
+        return f"Tensor({values}{grad})"
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def numpy(self):
+        """The data as a NumPy array on the host (a copy when it lives on a GPU)."""
+        return B.to_numpy(self.data)
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph: no gradient flows through the result."""
+        return Tensor(self.data)
+
+    def retain_grad(self) -> None:
+        """Keep ``.grad`` on this non-leaf tensor after backward (for inspection)."""
+        self._retains_grad = True
+
+    # ---- graph recording --------------------------------------------------------------
+    def _lift(self, other) -> "Tensor":
+        if isinstance(other, Tensor):
+            _check_same_device(self.data, other.data)
+            return other
+        if getattr(other, "ndim", 0) > 0:
+            return Tensor(other)
+        # A plain number takes the tensor's dtype (PyTorch's rule), so `x * np.sqrt(2)`
+        # keeps float32 instead of silently promoting to float64.
+        return Tensor(B.xp.asarray(other, dtype=self.data.dtype))
+
+    @staticmethod
+    def _result(data, parents, backward, op) -> "Tensor":
+        """Wrap ``data``; record the node only if a gradient can flow back through it."""
+        out = Tensor.__new__(Tensor)
+        out.data, out.grad, out._freed, out._retains_grad = data, None, False, False
+        if _grad_enabled and any(p.requires_grad for p in parents):
+            out.requires_grad, out._prev, out._backward, out._op = True, parents, backward, op
+        else:
+            out.requires_grad, out._prev, out._backward, out._op = False, (), None, ""
+        return out
+
+    # ---- backward ---------------------------------------------------------------------
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+
+        ``grad`` is the upstream gradient, needed when ``self`` is not a scalar.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad: no input "
+                               "of the ops that made it has requires_grad=True")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    f"backward() on a non-scalar tensor of shape {self.shape} needs a gradient: "
+                    "reduce it to a scalar first (.sum(), .mean()) or pass grad= of that shape")
+            grad = B.xp.ones_like(self.data)
+        else:
+            grad = _to_array(grad, dtype=self.data.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"grad has shape {grad.shape} but the tensor has shape {self.shape}")
+
+        order = _topological_order(self)
+        for node in order:
+            if node._freed:
+                raise RuntimeError(
+                    f"the graph behind this tensor (at op '{node._op}') was already freed by an "
+                    "earlier backward(); call that backward(retain_graph=True) to backpropagate "
+                    "through it twice, or run the forward pass again")
+
+        grads = {id(self): grad}
+        for node in reversed(order):  # outputs before inputs: each node's grad is complete
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._backward is None:  # a leaf
+                node.grad = g if node.grad is None else node.grad + g
+                continue
+            if node._retains_grad:
+                node.grad = g if node.grad is None else node.grad + g
+            for parent, parent_grad in zip(node._prev, node._backward(g)):
+                if parent_grad is not None and parent.requires_grad:
+                    key = id(parent)
+                    grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
+            if not retain_graph:  # drop the closure and with it every array it saved
+                node._backward, node._prev, node._freed = None, (), True
+
+    # ---- arithmetic -------------------------------------------------------------------
+    def __add__(self, other):
+        a, b = self, self._lift(other)
+
+        def backward(g):  # d(a+b)/da = 1, d(a+b)/db = 1
+            return (_unbroadcast(g, a.shape) if a.requires_grad else None,
+                    _unbroadcast(g, b.shape) if b.requires_grad else None)
+        return Tensor._result(a.data + b.data, (a, b), backward, "add")
+
+    def __sub__(self, other):
+        a, b = self, self._lift(other)
+
+        def backward(g):  # d(a-b)/da = 1, d(a-b)/db = -1
+            return (_unbroadcast(g, a.shape) if a.requires_grad else None,
+                    _unbroadcast(-g, b.shape) if b.requires_grad else None)
+        return Tensor._result(a.data - b.data, (a, b), backward, "sub")
+
+    def __mul__(self, other):
+        a, b = self, self._lift(other)
+
+        def backward(g):  # d(ab)/da = b, d(ab)/db = a
+            return (_unbroadcast(g * b.data, a.shape) if a.requires_grad else None,
+                    _unbroadcast(g * a.data, b.shape) if b.requires_grad else None)
+        return Tensor._result(a.data * b.data, (a, b), backward, "mul")
+
+    def __truediv__(self, other):
+        a, b = self, self._lift(other)
+
+        def backward(g):  # d(a/b)/da = 1/b, d(a/b)/db = -a/b²
+            return (_unbroadcast(g / b.data, a.shape) if a.requires_grad else None,
+                    _unbroadcast(-g * a.data / (b.data * b.data), b.shape) if b.requires_grad else None)
+        return Tensor._result(a.data / b.data, (a, b), backward, "div")
+
+    def __radd__(self, other):
+        return self._lift(other) + self
+
+    def __rsub__(self, other):
+        return self._lift(other) - self
+
+    def __rmul__(self, other):
+        return self._lift(other) * self
+
+    def __rtruediv__(self, other):
+        return self._lift(other) / self
+
+    def __neg__(self):
+        a = self
+
+        def backward(g):  # d(-a)/da = -1
+            return (-g,)
+        return Tensor._result(-a.data, (a,), backward, "neg")
+
+    def __pow__(self, exponent):
+        if isinstance(exponent, Tensor) or not isinstance(exponent, (int, float)):
+            raise TypeError(f"the exponent must be a Python number, got {type(exponent).__name__}; "
+                            "for a tensor exponent write (b * a.log()).exp()")
+        a = self
+
+        def backward(g):  # d(a^p)/da = p a^(p-1)
+            return (g * (exponent * a.data ** (exponent - 1)),)
+        return Tensor._result(a.data ** exponent, (a,), backward, "pow")
+
+    def __matmul__(self, other):
+        return matmul(self, self._lift(other))
+
+    def __rmatmul__(self, other):
+        return matmul(self._lift(other), self)
+
+    # ---- elementwise functions --------------------------------------------------------
+    def exp(self):
+        a, out = self, B.xp.exp(self.data)
+
+        def backward(g):  # d(e^a)/da = e^a
+            return (g * out,)
+        return Tensor._result(out, (a,), backward, "exp")
+
+    def log(self):
+        a = self
+
+        def backward(g):  # d(log a)/da = 1/a
+            return (g / a.data,)
+        return Tensor._result(B.xp.log(a.data), (a,), backward, "log")
+
+    def tanh(self):
+        a, out = self, B.xp.tanh(self.data)
+
+        def backward(g):  # d(tanh a)/da = 1 - tanh²(a)
+            return (g * (1 - out * out),)
+        return Tensor._result(out, (a,), backward, "tanh")
+
+    def sqrt(self):
+        a, out = self, B.xp.sqrt(self.data)
+
+        def backward(g):  # d(√a)/da = 1 / (2√a)
+            return (g * 0.5 / out,)
+        return Tensor._result(out, (a,), backward, "sqrt")
+
+    def relu(self):
+        a = self
+
+        def backward(g):  # d(max(a,0))/da = 1 where a > 0, else 0
+            return (g * (a.data > 0),)
+        return Tensor._result(B.xp.maximum(a.data, 0), (a,), backward, "relu")
+
+    def masked_fill(self, mask, value: float):
+        """Put ``value`` where ``mask`` is True; no gradient flows to the filled places."""
+        a = self
+        mask = mask.data if isinstance(mask, Tensor) else B.asarray(mask)
+
+        def backward(g):  # 0 where filled, 1 elsewhere
+            return (_unbroadcast(B.xp.where(mask, 0, g), a.shape),)
+        return Tensor._result(B.xp.where(mask, B.xp.asarray(value, dtype=a.dtype), a.data),
+                              (a,), backward, "masked_fill")
+
+    # ---- reductions -------------------------------------------------------------------
+    def sum(self, axis=None, keepdims: bool = False):
+        a = self
+
+        def backward(g):  # every summed element gets the output's gradient
+            if not keepdims and axis is not None:
+                g = B.xp.expand_dims(g, axis)
+            return (B.xp.broadcast_to(g, a.shape).copy(),)
+        return Tensor._result(a.data.sum(axis=axis, keepdims=keepdims), (a,), backward, "sum")
+
+    def mean(self, axis=None, keepdims: bool = False):
+        axes = range(self.ndim) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+        count = 1
+        for ax in axes:
+            count *= self.shape[ax]
+        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / count)
+
+    def max(self, axis=None, keepdims: bool = False):
+        a = self
+        top = a.data.max(axis=axis, keepdims=True)
+
+        def backward(g):  # the gradient goes to the maximum (split evenly between ties)
+            if not keepdims and axis is not None:
+                g = B.xp.expand_dims(g, axis)
+            hit = a.data == top
+            return (g * hit / hit.sum(axis=axis, keepdims=True),)
+        out = top if keepdims else (top.reshape(()) if axis is None else top.squeeze(axis))
+        return Tensor._result(out, (a,), backward, "max")
+
+    # ---- shape ------------------------------------------------------------------------
+    def reshape(self, *shape):
+        a = self
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+
+        def backward(g):  # reshaping moves no values, so neither does its gradient
+            return (g.reshape(a.shape),)
+        return Tensor._result(a.data.reshape(shape), (a,), backward, "reshape")
+
+    def transpose(self, dim0: int = -2, dim1: int = -1):
+        """Swap two axes (PyTorch's ``transpose``); a view, no copy."""
+        a = self
+
+        def backward(g):  # swapping back routes each gradient to its element
+            return (g.swapaxes(dim0, dim1),)
+        return Tensor._result(a.data.swapaxes(dim0, dim1), (a,), backward, "transpose")
+
+    @property
+    def T(self):
+        """All axes reversed (for a matrix, the transpose)."""
+        a = self
+
+        def backward(g):
+            return (g.T,)
+        return Tensor._result(a.data.T, (a,), backward, "T")
+
+    def __getitem__(self, index):
+        a = self
+        if isinstance(index, Tensor):
+            index = index.data
+        elif isinstance(index, tuple):
+            index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+
+        def backward(g):  # scatter back; repeated indices add up
+            full = B.xp.zeros_like(a.data)
+            if _is_basic_index(index):
+                full[index] = g
+            else:
+                B.scatter_add(full, index, g)
+            return (full,)
+        return Tensor._result(a.data[index], (a,), backward, "getitem")
+
+
+def _is_basic_index(index) -> bool:
+    """Slices, ints, None and Ellipsis select each element at most once."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(p, (int, slice)) or p is None or p is Ellipsis for p in parts)
+
+
+def _topological_order(root: Tensor) -> list:
+    """Nodes that need a gradient, inputs before outputs, by an iterative depth-first search
+    (recursion would stop at Python's limit on a long chain)."""
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        stack.extend((p, False) for p in node._prev if p.requires_grad and id(p) not in visited)
+    return order
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` with NumPy's rules: 1-D operands are promoted, leading axes broadcast."""
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul needs at least 1-D operands, got shapes {a.shape} and {b.shape}")
+    if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+        raise ValueError(f"matmul shape mismatch: {a.shape} @ {b.shape} (the last axis of the first "
+                         f"must equal the {'second-to-last' if b.ndim > 1 else 'only'} axis of the second)")
+    _check_same_device(a.data, b.data)
+    a2 = a.data if a.ndim > 1 else a.data[None, :]
+    b2 = b.data if b.ndim > 1 else b.data[:, None]
+
+    out2 = B.xp.matmul(a2, b2)
+
+    def backward(g):  # d(AB)/dA = G Bᵀ, d(AB)/dB = Aᵀ G, summed over broadcast batch axes
+        g2 = g.reshape(out2.shape)
+        ga = gb = None
+        if a.requires_grad:
+            ga = _unbroadcast(B.xp.matmul(g2, b2.swapaxes(-1, -2)), a2.shape).reshape(a.shape)
+        if b.requires_grad:
+            gb = _unbroadcast(B.xp.matmul(a2.swapaxes(-1, -2), g2), b2.shape).reshape(b.shape)
+        return ga, gb
+    out_shape = out2.shape[:-2] + out2.shape[-2:-1] * (a.ndim > 1) + out2.shape[-1:] * (b.ndim > 1)
+    return Tensor._result(out2.reshape(out_shape), (a, b), backward, "matmul")
+
+
+def cat(tensors, axis: int = 0) -> Tensor:
+    """Join tensors along an existing axis."""
+    tensors = tuple(tensors)
+    axis = axis % tensors[0].ndim
+    bounds = [0]
+    for t in tensors:
+        bounds.append(bounds[-1] + t.shape[axis])
+    lead = (slice(None),) * axis
+
+    def backward(g):  # each input gets its own slice of the gradient
+        return tuple(g[lead + (slice(lo, hi),)] if t.requires_grad else None
+                     for t, lo, hi in zip(tensors, bounds[:-1], bounds[1:]))
+    return Tensor._result(B.xp.concatenate([t.data for t in tensors], axis=axis), tensors,
+                          backward, "cat")
+
+
+def stack(tensors, axis: int = 0) -> Tensor:
+    """Join tensors along a new axis."""
+    tensors = tuple(tensors)
+
+    def backward(g):  # input i gets slice i of the new axis
+        return tuple(B.xp.take(g, i, axis=axis) if t.requires_grad else None
+                     for i, t in enumerate(tensors))
+    return Tensor._result(B.xp.stack([t.data for t in tensors], axis=axis), tensors,
+                          backward, "stack")
+
+
+def where(condition, a, b) -> Tensor:
+    """Elementwise ``a`` where ``condition`` is True, else ``b``."""
+    condition = condition.data if isinstance(condition, Tensor) else B.asarray(condition)
+    a = a if isinstance(a, Tensor) else Tensor(a)
+    b = a._lift(b)
+
+    def backward(g):  # the gradient follows whichever operand was picked
+        return (_unbroadcast(B.xp.where(condition, g, 0), a.shape) if a.requires_grad else None,
+                _unbroadcast(B.xp.where(condition, 0, g), b.shape) if b.requires_grad else None)
+    return Tensor._result(B.xp.where(condition, a.data, b.data), (a, b), backward, "where")
