@@ -1,0 +1,93 @@
+"""Floor 7 (beside train.py): saving and restoring models and training runs.
+
+A checkpoint folder holds
+  model.npz        the state dict (parameter name -> array)
+  config.json      what to rebuild: the model class and its GPTConfig, plus the caller's
+                   extras (task, tokenizer)
+  optimizer.npz    optimizer buffers (only when a training run saves its state)
+  train_state.json step, optimizer scalars, generator states, history
+Every file is written atomically and read with ``allow_pickle=False`` (see ``io.py``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import backend as B
+from .io import load_arrays, load_json, save_arrays, save_json
+from .models import GPT, GPTConfig, GPTForSequenceClassification
+from .nn import Module
+
+
+def _check_finite(model: Module) -> None:
+    for name, p in model.named_parameters():
+        if not bool(B.xp.isfinite(p.data).all()):
+            raise ValueError(f"parameter {name} holds NaN or inf; refusing to overwrite a "
+                             "checkpoint with a broken model")
+
+
+def save_model(directory, model: Module, extra: dict | None = None) -> Path:
+    """Write ``model.npz`` and ``config.json`` for a GPT or GPTForSequenceClassification."""
+    _check_finite(model)
+    if isinstance(model, GPTForSequenceClassification):
+        meta = {"model": "GPTForSequenceClassification", "num_labels": model.num_labels,
+                "config": model.transformer.config.to_dict()}
+    elif isinstance(model, GPT):
+        meta = {"model": "GPT", "config": model.config.to_dict()}
+    else:
+        raise TypeError(f"save_model knows GPT and GPTForSequenceClassification, got {type(model).__name__}")
+    directory = Path(directory)
+    save_arrays(directory / "model.npz", model.state_dict())
+    save_json(directory / "config.json", {**meta, **(extra or {})})
+    return directory
+
+
+def load_model(directory):
+    """Rebuild the model saved by :func:`save_model`; returns (model, config dict)."""
+    directory = Path(directory)
+    meta = load_json(directory / "config.json")
+    config = GPTConfig(**meta["config"])
+    if meta["model"] == "GPT":
+        model = GPT(config)
+    elif meta["model"] == "GPTForSequenceClassification":
+        model = GPTForSequenceClassification(config, meta["num_labels"])
+    else:
+        raise ValueError(f"{directory}/config.json names an unknown model {meta['model']!r}")
+    model.load_state_dict(load_arrays(directory / "model.npz"))
+    return model, meta
+
+
+def save_train_state(directory, model, optimizer, data_rng, dropout_rngs, step, history, config):
+    """Everything a resumed run needs to continue bit for bit."""
+    _check_finite(model)
+    directory = Path(directory)
+    save_arrays(directory / "model.npz", model.state_dict())
+    state = optimizer.state_dict()
+    save_arrays(directory / "optimizer.npz", state["arrays"])
+    save_json(directory / "train_state.json", {
+        "step": step, "optimizer": state["scalars"], "train_config": config,
+        "data_rng": data_rng.bit_generator.state,
+        "dropout_rngs": [g.bit_generator.state for g in dropout_rngs],
+        "history": history})
+
+
+def load_train_state(directory, model, optimizer, data_rng, dropout_rngs):
+    """Restore what :func:`save_train_state` wrote; returns (step, history)."""
+    directory = Path(directory)
+    state = load_json(directory / "train_state.json")
+    if len(state["dropout_rngs"]) != len(dropout_rngs):
+        raise ValueError(f"checkpoint has {len(state['dropout_rngs'])} dropout generators, the model "
+                         f"{len(dropout_rngs)}: is this the same kind of model?")
+    model.load_state_dict(load_arrays(directory / "model.npz"))
+    optimizer.load_state_dict({"arrays": load_arrays(directory / "optimizer.npz"),
+                               "scalars": state["optimizer"]})
+    data_rng.bit_generator.state = state["data_rng"]
+    for gen, saved in zip(dropout_rngs, state["dropout_rngs"]):
+        gen.bit_generator.state = saved
+    return state["step"], state["history"]
+
+
+def snapshot(model: Module) -> dict:
+    """Copies of every parameter array, for checking later what training changed."""
+    return {name: np.array(B.to_numpy(a), copy=True) for name, a in model.state_dict().items()}

@@ -1,0 +1,154 @@
+"""Floor 7: one training loop for every method (full fine-tuning, LoRA, PiSSA, pretraining).
+
+A step is: learning rate from the schedule, a batch, forward, backward, clip, optimizer step.
+Only parameters with ``requires_grad`` reach the optimizer, so the same loop trains a whole
+model or just its adapters. Everything random (batches, dropout masks) comes from generators
+whose state a checkpoint saves, so a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .nn import Dropout, Module
+from .optim import AdamW, clip_grad_norm_, cosine_schedule, param_groups_for_weight_decay, set_lr
+from .checkpoint import load_train_state, save_train_state
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000           # optimizer steps in the whole run (the schedule spans them)
+    batch_size: int = 64
+    lr: float = 3e-3            # peak learning rate, reached after warmup
+    warmup_steps: int = 100     # linear warmup: early gradients are large and noisy
+    min_lr: float | None = None  # end of the cosine decay; None means lr / 10
+    weight_decay: float = 0.1   # AdamW's decoupled decay, on matrices only
+    grad_clip: float = 1.0      # clip the global gradient norm to this (0 disables)
+    eval_every: int = 250       # steps between evaluations (0: only at the end)
+    seed: int = 0               # seeds the batch sampler
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; nothing was saved after that step."""
+
+
+class Progress:
+    """A one-line progress bar on stderr that redraws in place (a terminal or a notebook both
+    honour the carriage return), at most a few times a second so saved notebooks stay small."""
+
+    def __init__(self, total: int, label: str = "", enabled: bool = True, every_s: float = 0.5):
+        self.total, self.label, self.enabled, self.every_s = total, label, enabled, every_s
+        self.start = self.last = time.perf_counter()
+        self.interactive = sys.stderr.isatty()
+
+    def update(self, done: int, text: str = "") -> None:
+        now = time.perf_counter()
+        final = done >= self.total
+        if not self.enabled or (now - self.last < self.every_s and not final):
+            return
+        if not self.interactive and not final and now - self.last < 10 * self.every_s:
+            return  # in a log file, a line every few seconds is plenty
+        self.last = now
+        frac = done / self.total
+        eta = (now - self.start) / max(frac, 1e-9) * (1 - frac)
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        line = f"{self.label} [{bar}] {done}/{self.total} {text} eta {eta:4.0f}s"
+        end = "\n" if final or not self.interactive else ""
+        print("\r" + line, end=end, file=sys.stderr, flush=True)
+
+
+def default_loss(model: Module, batch):
+    """A batch is the model's positional inputs, targets last: ``model(*batch)`` gives the loss."""
+    return model(*batch)[1]
+
+
+def dropout_generators(model: Module) -> list:
+    """The distinct generators behind the model's dropout masks, in a fixed order."""
+    seen, gens = set(), []
+    for _, module in model.named_modules():
+        if isinstance(module, Dropout) and id(module.rng) not in seen:
+            seen.add(id(module.rng))
+            gens.append(module.rng)
+    return gens
+
+
+def train(model: Module, batch_fn, config: TrainConfig, *, loss_fn=default_loss, eval_fn=None,
+          checkpoint_dir=None, resume: bool = False, stop_at: int | None = None,
+          progress: bool = True, label: str = "train") -> list:
+    """Train the parameters of ``model`` that require grad; return the per-step history.
+
+    batch_fn(rng) -> batch; loss_fn(model, batch) -> scalar loss Tensor;
+    eval_fn(model) -> dict of metrics, run every ``config.eval_every`` steps and at the end.
+    checkpoint_dir: where the final state is saved (and read from, with ``resume=True``).
+    stop_at: stop after this step (the schedule still spans ``config.steps``), e.g. to resume later.
+    History records: step, loss, lr, grad_norm, ms (forward+backward+update), and eval metrics.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("no parameter requires grad: nothing to train")
+    trainable = [p for _, p in named]
+    optimizer = AdamW(param_groups_for_weight_decay(named, config.weight_decay), lr=config.lr)
+    data_rng = np.random.default_rng(config.seed)
+    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+    history, start = [], 0
+    if resume:
+        start, history = load_train_state(checkpoint_dir, model, optimizer, data_rng,
+                                          dropout_generators(model))
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    bar = Progress(end, label, enabled=progress)
+    model.train()
+    for step in range(start, end):
+        lr = cosine_schedule(step, config.steps, config.lr, config.warmup_steps, min_lr)
+        set_lr(optimizer, lr)
+        batch = batch_fn(data_rng)
+        t0 = time.perf_counter()
+        loss = loss_fn(model, batch)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step + 1}: lower the learning rate "
+                f"(now {lr:.3g}) or clip gradients harder (grad_clip={config.grad_clip}); "
+                "nothing was saved after this step")
+        optimizer.zero_grad()
+        loss.backward()
+        norm = clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else math.inf)
+        optimizer.step()
+        record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm,
+                  "ms": 1000 * (time.perf_counter() - t0)}
+        if eval_fn is not None and ((config.eval_every and (step + 1) % config.eval_every == 0)
+                                    or step + 1 == config.steps):
+            model.eval()
+            record.update(eval_fn(model))
+            model.train()
+        history.append(record)
+        bar.update(step + 1, f"loss {loss_value:.4f}")
+    if checkpoint_dir is not None:
+        save_train_state(checkpoint_dir, model, optimizer, data_rng, dropout_generators(model),
+                         end, history, asdict(config))
+    return history
+
+
+def save_history_csv(history: list, path) -> Path:
+    """One row per step; eval columns are empty on steps without an evaluation."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for record in history for k in record))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    return path
