@@ -48,6 +48,46 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return Tensor._result(out, parents, backward, "linear")
 
 
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, dropout_mask=None) -> Tensor:
+    """A LoRA-adapted Linear in one node: ``h = x Wᵀ + b + s · (x ⊙ m) Aᵀ Bᵀ``.
+
+    x (..., d_in), weight (d_out, d_in), lora_A (r, d_in), lora_B (d_out, r), dropout_mask
+    (..., d_in) or None -> h (..., d_out). One node saves only the rank-r intermediate
+    ``u = (x ⊙ m) Aᵀ``; built from separate ops, the graph would also keep the d_out-wide LoRA
+    output and the sum for every token, more activation memory than LoRA saves elsewhere.
+    """
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2 = x.data.reshape(-1, d_in)
+    xd = x2 if dropout_mask is None else x2 * dropout_mask.reshape(-1, d_in)
+    u = xd @ lora_A.data.T                         # (N, r)
+    out = x2 @ weight.data.T
+    if bias is not None:
+        out += bias.data
+    out += (u * scaling) @ lora_B.data.T          # + s · u Bᵀ
+    parents = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
+
+    def backward(g):
+        # dx = g W + s (g B) A ⊙ m;  dW = gᵀ x;  dA = s (g B)ᵀ (x ⊙ m);  dB = s gᵀ u;  db = Σ g
+        g2 = g.reshape(-1, g.shape[-1])
+        gB = g2 @ lora_B.data                      # (N, r)
+        gB *= scaling
+        dx = None
+        if x.requires_grad:
+            lora_dx = gB @ lora_A.data
+            if dropout_mask is not None:
+                lora_dx *= dropout_mask.reshape(-1, d_in)
+            dx = (g2 @ weight.data + lora_dx).reshape(lead + (d_in,))
+        grads = [dx,
+                 g2.T @ x2 if weight.requires_grad else None,
+                 gB.T @ xd if lora_A.requires_grad else None,
+                 (g2.T @ u) * scaling if lora_B.requires_grad else None]
+        if bias is not None:
+            grads.append(g2.sum(axis=0) if bias.requires_grad else None)
+        return grads
+    return Tensor._result(out.reshape(lead + (weight.shape[0],)), parents, backward, "lora_linear")
+
+
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     """``exp(x) / Σ exp(x)`` along ``axis``, computed on ``x - max`` so it never overflows."""
     e = B.xp.exp(x.data - x.data.max(axis=axis, keepdims=True))
@@ -169,19 +209,23 @@ def gelu(x: Tensor) -> Tensor:
     return Tensor._result(y, (x,), backward, "gelu")
 
 
-def dropout(x: Tensor, p: float, training: bool, rng) -> Tensor:
-    """Zero each element with probability ``p`` and scale survivors by ``1/(1-p)`` (inverted
-    dropout), so evaluation needs no rescaling. Identity when not training or ``p == 0``.
-
-    ``rng`` is a ``numpy.random.Generator``; the mask is drawn on the host so a seed gives the
-    same mask on every backend.
-    """
+def dropout_mask(shape, p: float, rng, dtype):
+    """Keep each element with probability 1-p, scaled by 1/(1-p) (inverted dropout), so that
+    evaluation needs no rescaling. Drawn on the host: a seed gives one mask on every backend."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    keep = rng.random(shape, dtype="float32") >= p
+    return B.asarray(keep, dtype=dtype) * (1.0 / (1.0 - p))
+
+
+def dropout(x: Tensor, p: float, training: bool, rng) -> Tensor:
+    """Zero each element with probability ``p``, scale survivors by ``1/(1-p)``; identity when
+    not training or ``p == 0``. ``rng`` is a ``numpy.random.Generator``."""
     if not training or p == 0.0:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         return x
-    keep = rng.random(x.shape, dtype="float32") >= p
-    mask = B.asarray(keep, dtype=x.dtype) * (1.0 / (1.0 - p))
+    mask = dropout_mask(x.shape, p, rng, x.dtype)
 
     def backward(g):  # dy/dx = mask / (1-p)
         return (g * mask,)

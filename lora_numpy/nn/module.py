@@ -147,7 +147,10 @@ class ModuleList(Module):
         return sum(1 for _ in self.named_children())
 
     def __getitem__(self, i: int) -> Module:
-        return getattr(self, str(i % len(self)))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of range for a ModuleList of {n} modules")
+        return getattr(self, str(i % n))
 
     def __iter__(self):
         return (module for _, module in self.named_children())

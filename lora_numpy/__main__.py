@@ -1,0 +1,6 @@
+"""``python -m lora_numpy``: see cli.py."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
