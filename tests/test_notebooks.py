@@ -1,0 +1,29 @@
+"""Every notebook runs top to bottom in fast mode (LORA_NUMPY_FAST=1 shrinks its training runs),
+so none can rot. Outputs are not written back: the committed ones come from a full run."""
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_NUMPY_FAST", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    start = time.perf_counter()
+    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    assert time.perf_counter() - start < 120, f"{path.name} took over two minutes in fast mode"
+
+
+def test_notebooks_exist():
+    assert len(NOTEBOOKS) == 6, [p.name for p in NOTEBOOKS]
