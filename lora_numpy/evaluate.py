@@ -6,7 +6,7 @@ import numpy as np
 from . import backend as B
 from . import functional as F
 from .metrics import classification_report, exact_match
-from .tensor import no_grad
+from .autograd import no_grad
 
 
 def greedy_answers(model, prompts, answer_len: int, batch_size: int = 1000) -> np.ndarray:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 
 from . import backend as B
-from .tensor import Tensor, _unbroadcast
+from .autograd import _unbroadcast
+from .tensor import Tensor
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -153,10 +154,11 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
     x (..., D), weight and bias (D,). ``y = (x - μ) / sqrt(σ² + eps) · weight + bias``.
     """
-    mu = x.data.mean(axis=-1, keepdims=True)
-    xc = x.data - mu
-    rstd = 1.0 / B.xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
-    xhat = xc * rstd
+    d = x.shape[-1]
+    xhat = x.data - x.data.mean(axis=-1, keepdims=True)      # x - μ, normalised in place below
+    var = B.xp.einsum("...i,...i->...", xhat, xhat)[..., None] / d  # one pass, no x² temporary
+    rstd = 1.0 / B.xp.sqrt(var + eps)
+    xhat *= rstd                                              # x̂ = (x - μ) / √(σ² + ε)
     y = xhat if weight is None else xhat * weight.data
     if bias is not None:
         y = y + bias.data
@@ -166,14 +168,18 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         grads = []
         if x.requires_grad:  # dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ x̂)), ĝ = g · weight
             gh = g if weight is None else g * weight.data
-            grads.append(rstd * (gh - gh.mean(axis=-1, keepdims=True)
-                                 - xhat * (gh * xhat).mean(axis=-1, keepdims=True)))
+            dx = xhat * (B.xp.einsum("...i,...i->...", gh, xhat)[..., None] / d)
+            B.xp.subtract(gh, dx, out=dx)
+            dx -= gh.mean(axis=-1, keepdims=True)
+            dx *= rstd
+            grads.append(dx)
         else:
             grads.append(None)
+        rows_g, rows_xhat = g.reshape(-1, d), xhat.reshape(-1, d)
         if weight is not None:  # dweight = Σ_rows g · x̂
-            grads.append(_unbroadcast(g * xhat, weight.shape) if weight.requires_grad else None)
+            grads.append(B.xp.einsum("ni,ni->i", rows_g, rows_xhat) if weight.requires_grad else None)
         if bias is not None:  # dbias = Σ_rows g
-            grads.append(_unbroadcast(g, bias.shape) if bias.requires_grad else None)
+            grads.append(rows_g.sum(axis=0) if bias.requires_grad else None)
         return grads
     return Tensor._result(y, parents, backward, "layer_norm")
 
@@ -248,18 +254,26 @@ def embedding(idx, weight: Tensor) -> Tensor:
     return Tensor._result(weight.data[ids], (weight,), backward, "embedding")
 
 
-def causal_mask(t_q: int, t_k: int):
-    """Boolean (t_q, t_k), True where a query may NOT look: keys after the query's position.
-    Queries are the last ``t_q`` of ``t_k`` positions."""
-    return B.xp.triu(B.xp.ones((t_q, t_k), dtype=bool), k=1 + t_k - t_q)
+_causal_bias_cache: dict = {}
+
+
+def causal_bias(t_q: int, t_k: int, dtype):
+    """(t_q, t_k) array: 0 where a query may look, -inf at keys after the query's position
+    (queries are the last ``t_q`` of ``t_k`` positions). Added to the scores, it masks them in
+    one broadcast pass; made once per shape and reused."""
+    key = (t_q, t_k, str(dtype), B.name)
+    if key not in _causal_bias_cache:
+        future = B.xp.triu(B.xp.ones((t_q, t_k), dtype=bool), k=1 + t_k - t_q)
+        _causal_bias_cache[key] = B.xp.where(future, -B.xp.inf, 0).astype(dtype)
+    return _causal_bias_cache[key]
 
 
 def attention_weights(q: Tensor, k: Tensor, causal: bool = True):
     """The softmax attention matrix as a plain array (..., Tq, Tk), for plots and tests."""
-    scores = q.data @ k.data.swapaxes(-1, -2)
-    scores *= 1.0 / math.sqrt(q.shape[-1])
+    # Scale q (T·d numbers) rather than the scores (T·T numbers).
+    scores = (q.data * (1.0 / math.sqrt(q.shape[-1]))) @ k.data.swapaxes(-1, -2)
     if causal:
-        scores[..., causal_mask(q.shape[-2], k.shape[-2])] = -B.xp.inf
+        scores += causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
     scores -= scores.max(axis=-1, keepdims=True)
     B.xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend as B
-from .tensor import Tensor, no_grad
+from .autograd import no_grad
+from .tensor import Tensor
 
 
 class GradcheckError(AssertionError):

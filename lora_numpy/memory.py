@@ -16,7 +16,8 @@ import tracemalloc
 from dataclasses import asdict, dataclass
 
 from . import backend as B
-from .tensor import Tensor, _topological_order
+from .autograd import _topological_order
+from .tensor import Tensor
 
 FLOAT_BYTES = 4
 

@@ -1,41 +1,18 @@
-"""Floor 2: ``Tensor``, the dynamic graph and reverse-mode autograd.
+"""Floor 2: ``Tensor`` and the elementary ops, each with its local derivative.
 
 Every op computes its result from ``.data`` and, when some input requires a gradient, records
 a node: the inputs (``_prev``) and a closure (``_backward``) that maps the gradient of the
-output to the gradient of each input. ``backward()`` walks the graph once in reverse
-topological order, so each node's gradient is complete (summed over every use) before it is
-passed on. Two rules keep this fast enough for a Transformer:
-
-* a closure computes the gradient of an input only if that input requires one, so
-  ``x @ W.T`` with a frozen ``W`` never builds ``dW`` (this is where LoRA saves work);
-* after ``backward()`` each node drops its closure and inputs, which frees every array the
-  forward pass saved, unless ``retain_graph=True``.
+output to the gradient of each input. A closure computes the gradient of an input only if that
+input requires one, so ``x @ W.T`` with a frozen ``W`` never builds ``dW`` (this is where LoRA
+saves work). How ``backward()`` walks these nodes is in autograd.py.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
+from . import autograd
 from . import backend as B
-
-_grad_enabled = True
-
-
-@contextlib.contextmanager
-def no_grad():
-    """Run ops without recording a graph (evaluation, parameter updates)."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
-    try:
-        yield
-    finally:
-        _grad_enabled = previous
-
-
-def is_grad_enabled() -> bool:
-    return _grad_enabled
-
+from .autograd import _unbroadcast, run_backward
 
 def _to_array(data, dtype=None):
     """Python numbers and lists become float32 (ints stay ints); arrays keep their dtype."""
@@ -47,20 +24,6 @@ def _to_array(data, dtype=None):
             array = array.astype(B.DEFAULT_DTYPE)
         return array
     return B.asarray(data, dtype=dtype)
-
-
-def _unbroadcast(grad, shape):
-    """Sum ``grad`` back to ``shape``: an operand broadcast along an axis was used once per
-    position on it, so its gradient is the sum over that axis."""
-    if grad.shape == shape:
-        return grad
-    extra = grad.ndim - len(shape)
-    if extra:
-        grad = grad.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad
 
 
 def _check_same_device(a, b):
@@ -155,7 +118,7 @@ class Tensor:
         """Wrap ``data``; record the node only if a gradient can flow back through it."""
         out = Tensor.__new__(Tensor)
         out.data, out.grad, out._freed, out._retains_grad = data, None, False, False
-        if _grad_enabled and any(p.requires_grad for p in parents):
+        if autograd.grad_enabled and any(p.requires_grad for p in parents):
             out.requires_grad, out._prev, out._backward, out._op = True, parents, backward, op
         else:
             out.requires_grad, out._prev, out._backward, out._op = False, (), None, ""
@@ -181,30 +144,7 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"grad has shape {grad.shape} but the tensor has shape {self.shape}")
 
-        order = _topological_order(self)
-        for node in order:
-            if node._freed:
-                raise RuntimeError(
-                    f"the graph behind this tensor (at op '{node._op}') was already freed by an "
-                    "earlier backward(); call that backward(retain_graph=True) to backpropagate "
-                    "through it twice, or run the forward pass again")
-
-        grads = {id(self): grad}
-        for node in reversed(order):  # outputs before inputs: each node's grad is complete
-            g = grads.pop(id(node), None)
-            if g is None:
-                continue
-            if node._backward is None:  # a leaf
-                node.grad = g if node.grad is None else node.grad + g
-                continue
-            if node._retains_grad:
-                node.grad = g if node.grad is None else node.grad + g
-            for parent, parent_grad in zip(node._prev, node._backward(g)):
-                if parent_grad is not None and parent.requires_grad:
-                    key = id(parent)
-                    grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
-            if not retain_graph:  # drop the closure and with it every array it saved
-                node._backward, node._prev, node._freed = None, (), True
+        run_backward(self, grad, retain_graph)
 
     # ---- arithmetic -------------------------------------------------------------------
     def __add__(self, other):
@@ -396,24 +336,6 @@ def _is_basic_index(index) -> bool:
     """Slices, ints, None and Ellipsis select each element at most once."""
     parts = index if isinstance(index, tuple) else (index,)
     return all(isinstance(p, (int, slice)) or p is None or p is Ellipsis for p in parts)
-
-
-def _topological_order(root: Tensor) -> list:
-    """Nodes that need a gradient, inputs before outputs, by an iterative depth-first search
-    (recursion would stop at Python's limit on a long chain)."""
-    order, visited = [], set()
-    stack = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        if children_done:
-            order.append(node)
-            continue
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        stack.append((node, True))
-        stack.extend((p, False) for p in node._prev if p.requires_grad and id(p) not in visited)
-    return order
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:

@@ -16,7 +16,8 @@ import numpy as np
 from .. import backend as B
 from .. import functional as F
 from ..nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
-from ..tensor import Tensor, no_grad
+from ..autograd import no_grad
+from ..tensor import Tensor
 
 
 @dataclass

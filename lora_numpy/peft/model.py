@@ -166,6 +166,10 @@ class PeftModel(Module):
         that s is unchanged.
         """
         config, arrays = self.peft_config, self.adapter_state_dict()
+        broken = [name for name, a in arrays.items() if not bool(B.xp.isfinite(a).all())]
+        if broken:
+            raise ValueError(f"adapter arrays {broken} hold NaN or inf; refusing to overwrite "
+                             f"{directory} with a broken adapter")
         if convert_pissa_to_lora:
             if pissa_niter(config.init_lora_weights) is None:
                 raise ValueError("convert_pissa_to_lora needs a PiSSA adapter, but init_lora_weights="
