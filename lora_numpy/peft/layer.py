@@ -21,14 +21,21 @@ from .config import LoraConfig, pissa_niter
 from .svd import randomized_svd, split_factors
 
 
+def check_rank(r: int, linear: Linear, name: str = "") -> None:
+    """A rank-r update of a (d_out, d_in) weight needs r <= min(d_in, d_out)."""
+    d_out, d_in = linear.weight.shape
+    if r > min(d_in, d_out):
+        where = f" {name}" if name else ""
+        raise ValueError(f"r={r} exceeds min(d_in, d_out) = {min(d_in, d_out)} for the {d_in}->{d_out} "
+                         f"Linear{where}: a rank-r update needs r <= both sides")
+
+
 class LoraLinear(Module):
     """A ``Linear`` plus a low-rank update. Owns ``base_layer``, ``lora_A``, ``lora_B``."""
 
     def __init__(self, base_layer: Linear, config: LoraConfig, rng):
+        check_rank(config.r, base_layer)
         d_out, d_in = base_layer.weight.shape
-        if config.r > min(d_in, d_out):
-            raise ValueError(f"r={config.r} exceeds min(d_in, d_out) = {min(d_in, d_out)} for a "
-                             f"{d_in}->{d_out} Linear: a rank-r update needs r <= both sides")
         self.base_layer = base_layer
         self.r, self.lora_alpha = config.r, config.lora_alpha
         self.scaling = config.scaling
@@ -38,7 +45,7 @@ class LoraLinear(Module):
         self.lora_B = Parameter(B.xp.zeros((d_out, config.r), dtype=dtype))
         self.merged = False    # ΔW folded into base_layer.weight
         self.disabled = False  # forward as the base layer alone (disable_adapter)
-        self.initial_A = self.initial_B = None  # PiSSA's starting factors (for conversion)
+        self.initial_A = self.initial_B = self.initial_scaling = None  # PiSSA's start (for conversion)
         self._init_weights(config.init_lora_weights, rng)
 
     def _init_weights(self, init, rng) -> None:
@@ -72,6 +79,7 @@ class LoraLinear(Module):
         W -= (self.scaling * (Bf @ Af)).astype(W.dtype)  # W_res, in place: no copy of the base
         # Kept to convert the trained adapter to plain LoRA form later (ΔW = s(B'A' − B0 A0)).
         self.initial_A, self.initial_B = self.lora_A.data.copy(), self.lora_B.data.copy()
+        self.initial_scaling = self.scaling
 
     def delta_weight(self):
         """ΔW = s · B A, shape (d_out, d_in), as an array."""

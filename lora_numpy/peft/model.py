@@ -20,7 +20,7 @@ from .. import backend as B
 from ..io import load_arrays, load_json, save_arrays, save_json
 from ..nn import Linear, Module, Parameter
 from .config import LoraConfig, pissa_niter
-from .layer import LoraLinear
+from .layer import LoraLinear, check_rank
 from .svd import split_factors, truncate_product
 
 HEAD_NAMES = ("lm_head", "score")  # output layers that "all-linear" leaves alone, as PEFT does
@@ -55,6 +55,8 @@ def find_targets(model: Module, target_modules) -> list:
 def get_peft_model(model: Module, config: LoraConfig, seed: int = 0) -> "PeftModel":
     """Wrap ``model`` (in place) with LoRA adapters; ``seed`` draws their random init."""
     targets = find_targets(model, config.target_modules)
+    for name, linear in targets:  # every check before anything changes: a refusal leaves no trace
+        check_rank(config.r, linear, name)
     if config.modules_to_save:
         saved = [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save)]
         if not saved:
@@ -141,10 +143,11 @@ class PeftModel(Module):
     def adjust_rank(self, k: int) -> None:
         """Truncate every adapter to rank k by the SVD of its ΔW (Eckart–Young: the best
         rank-k update in Frobenius norm). lora_alpha stays, so the scale becomes alpha/k."""
+        merged = [name for name, layer in self.lora_layers() if layer.merged]
+        if merged:
+            raise RuntimeError(f"{merged} are merged; call unmerge_adapter() before adjust_rank()")
         new_config = replace(self.peft_config, r=k)
         for name, layer in self.lora_layers():
-            if layer.merged:
-                raise RuntimeError(f"{name} is merged; call unmerge_adapter() before adjust_rank()")
             U, S, Vt = truncate_product(layer.lora_B.data, layer.lora_A.data, k)
             Bk, Ak = split_factors(U, S * layer.scaling, Vt, new_config.scaling)
             layer.lora_A = Parameter(Ak.astype(layer.lora_A.dtype))
@@ -161,9 +164,12 @@ class PeftModel(Module):
         """Write ``adapter_config.json`` and ``adapter_model.npz`` into ``directory``.
 
         ``convert_pissa_to_lora``: a PiSSA adapter only fits the residual base W_res. Saved
-        converted, it fits the original W0 as a rank-2r LoRA adapter:
-        ΔW = s(B'A' − B0 A0) = s·[B' | −B0] [A' ; A0], with r → 2r and lora_alpha scaled so
-        that s is unchanged.
+        converted, it fits the original W0 as a plain LoRA adapter of rank k + r0 (2r unless
+        the rank was adjusted): with the trained factors (A', B') at scale s' and the initial
+        ones (A0, B0) at scale s0,
+            ΔW = s'B'A' − s0 B0 A0 = s' · [B' | −(s0/s') B0] [A' ; A0],
+        and lora_alpha is chosen so that the new rank gives the scale s' (for r' = r: 2·alpha,
+        or √2·alpha with rsLoRA), as PEFT does.
         """
         config, arrays = self.peft_config, self.adapter_state_dict()
         broken = [name for name, a in arrays.items() if not bool(B.xp.isfinite(a).all())]
@@ -176,10 +182,11 @@ class PeftModel(Module):
                                  f"{config.init_lora_weights!r}")
             for name, layer in self.lora_layers():
                 arrays[f"{name}.lora_A"] = B.xp.concatenate([layer.lora_A.data, layer.initial_A], axis=0)
-                arrays[f"{name}.lora_B"] = B.xp.concatenate([layer.lora_B.data, -layer.initial_B], axis=1)
-            # s = alpha/r stays with alpha -> 2 alpha; s = alpha/√r stays with alpha -> √2 alpha
-            alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
-            config = replace(config, r=2 * config.r, lora_alpha=alpha, init_lora_weights=True)
+                ratio = layer.initial_scaling / layer.scaling
+                arrays[f"{name}.lora_B"] = B.xp.concatenate([layer.lora_B.data, -ratio * layer.initial_B], axis=1)
+            rank = config.r + self.lora_layers()[0][1].initial_A.shape[0]
+            alpha = config.scaling * (math.sqrt(rank) if config.use_rslora else rank)
+            config = replace(config, r=rank, lora_alpha=alpha, init_lora_weights=True)
         directory = Path(directory)
         save_arrays(directory / "adapter_model.npz", arrays)
         save_json(directory / "adapter_config.json", config.to_dict())
