@@ -90,7 +90,7 @@ def build_model(task: Task, size: ModelSize, seed: int = 0, num_labels: int | No
 
 
 def pretrain(task_name: str = "add", steps: int = 1500, out: str | Path | None = None,
-             size: ModelSize = ModelSize(), batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+             size: ModelSize | None = None, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
              text_file: str | None = None, progress: bool = True):
     """Train a base GPT from scratch on a language-modelling task; optionally save it.
 
@@ -100,7 +100,7 @@ def pretrain(task_name: str = "add", steps: int = 1500, out: str | Path | None =
     if task.is_classification:
         raise ValueError("pretrain trains a language model; 'sum' is a fine-tuning task "
                          "(use it as a target of `compare`)")
-    model = build_model(task, size, seed)
+    model = build_model(task, size or ModelSize(), seed)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
                          eval_every=0, seed=seed)
     start = time.perf_counter()
