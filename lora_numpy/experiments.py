@@ -25,9 +25,10 @@ from .recipes import ModelSize, Task, make_task, pretrain
 from .train import TrainConfig, default_loss, save_history_csv, train
 
 METHODS = ("full", "lora", "pissa")
-# Learning rates from a sweep on the default tasks (add -> sub, 1000 steps): full fine-tuning
-# moves every weight and wants the smallest step; PiSSA's adapters start on the largest
-# singular directions, so they too want less than LoRA's, which start from ΔW = 0.
+# Learning rates from a sweep on the default tasks (add -> sub): at 1000 steps full fine-tuning
+# reached 100% at 1e-3 and LoRA 100% at 5e-3 (64% at 2e-3); at 600 steps PiSSA reached 85% at
+# 3e-3 but 16% at 1e-2, and 99.8% at 2e-3 with 1000 steps. Notebook 4 compares LoRA and PiSSA
+# at equal learning rates.
 DEFAULT_LR = {"full": 1e-3, "lora": 5e-3, "pissa": 2e-3}
 
 

@@ -36,7 +36,7 @@ class LoraLinear(Module):
     def __init__(self, base_layer: Linear, config: LoraConfig, rng):
         check_rank(config.r, base_layer)
         d_out, d_in = base_layer.weight.shape
-        self.base_layer = base_layer
+        self.base_layer = base_layer.requires_grad_(False)  # W0 (and b) stay as pretrained
         self.r, self.lora_alpha = config.r, config.lora_alpha
         self.scaling = config.scaling
         self.lora_dropout = Dropout(config.lora_dropout, np.random.default_rng(rng.integers(2**63)))

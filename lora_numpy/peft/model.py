@@ -195,7 +195,9 @@ class PeftModel(Module):
     @classmethod
     def from_pretrained(cls, base_model: Module, directory, seed: int = 0) -> "PeftModel":
         """Load an adapter onto ``base_model``. Every name and shape is checked against the
-        base model before it is touched, so a mismatched adapter leaves it as it was."""
+        base model before it is touched, so a mismatched adapter leaves it as it was.
+        A PiSSA adapter saved unconverted re-runs the PiSSA initialisation first, as PEFT does:
+        the base weights become W_res again, which is what the adapter was trained on."""
         directory = Path(directory)
         config = LoraConfig.from_dict(load_json(directory / "adapter_config.json"))
         arrays = load_arrays(directory / "adapter_model.npz")
