@@ -1,12 +1,26 @@
 """Floor 7 (beside train.py): measuring a model on a task, with no graph recorded."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import backend as B
 from . import functional as F
 from .metrics import classification_report, exact_match
 from .autograd import no_grad
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) and no graph inside the block; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def greedy_answers(model, prompts, answer_len: int, batch_size: int = 1000) -> np.ndarray:
@@ -26,12 +40,9 @@ def exact_match_accuracy(model, task, split: str = "test", limit: int | None = N
 
 def classify(model, x, lengths, batch_size: int = 1000) -> np.ndarray:
     """Predicted class ids (N,) for inputs x (N, T) with real lengths (N,)."""
-    was_training = model.training
-    model.eval()
-    with no_grad():
+    with evaluating(model):
         preds = [B.to_numpy(model(x[i:i + batch_size], lengths[i:i + batch_size])[0].data.argmax(-1))
                  for i in range(0, len(x), batch_size)]
-    model.train(was_training)
     return np.concatenate(preds)
 
 
@@ -43,12 +54,8 @@ def classification_metrics(model, task, split: str = "test") -> dict:
 
 def mean_loss(model, batches) -> float:
     """Average of ``model(*batch)[1]`` over batches (e.g. a fixed validation set)."""
-    was_training = model.training
-    model.eval()
-    with no_grad():
-        losses = [model(*batch)[1].item() for batch in batches]
-    model.train(was_training)
-    return float(np.mean(losses))
+    with evaluating(model):
+        return float(np.mean([model(*batch)[1].item() for batch in batches]))
 
 
 def answer_loss(model, task, split: str = "test", limit: int = 2000) -> float:
@@ -57,6 +64,5 @@ def answer_loss(model, task, split: str = "test", limit: int = 2000) -> float:
     seqs = np.concatenate([prompts, answers], axis=1)[:limit]
     targets = seqs[:, 1:].copy()
     targets[:, :prompts.shape[1] - 1] = -100
-    with no_grad():
-        logits = model(seqs[:, :-1])[0]
-        return F.cross_entropy(logits, targets).item()
+    with evaluating(model):
+        return F.cross_entropy(model(seqs[:, :-1])[0], targets).item()

@@ -121,8 +121,8 @@ def step_memory(method, base_dir, target, cfg):
 def run_method(method, base_dir, source, target, cfg, out, progress=True) -> dict:
     model = prepare(method, base_dir, target, cfg)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
-    before = target.evaluate(model, cfg.eval_limit)[target.metric]
-    source_before = source.evaluate(language_model(model), cfg.eval_limit)[source.metric]
+    before = target.evaluate(model)[target.metric]
+    source_before = source.evaluate(language_model(model))[source.metric]
     train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr_for(method),
                             warmup_steps=cfg.steps // 10, weight_decay=0.0,
                             eval_every=cfg.eval_every, seed=cfg.seed)
@@ -151,7 +151,8 @@ def run_method(method, base_dir, source, target, cfg, out, progress=True) -> dic
 
 
 def compare(cfg: CompareConfig, progress: bool = True) -> dict:
-    """Run every method of ``cfg`` and write results.json, history.csv and plots to cfg.out."""
+    """Run every method of ``cfg`` and write results.json, history.csv and plots to cfg.out.
+    Returns the results, each run with its per-step ``history``, and the printable ``table``."""
     from .plots import plot_comparison  # matplotlib is only needed here
 
     start = time.perf_counter()
@@ -163,9 +164,9 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     runs = [run_method(m, base_dir, source, target, cfg, out, progress) for m in cfg.methods]
     results = {"config": {**asdict(cfg), "lr": {m: cfg.lr_for(m) for m in cfg.methods}},
                "target_metric": target.metric, "source_metric": source.metric,
-               "seconds": time.perf_counter() - start,
-               "runs": [{k: v for k, v in run.items() if k != "history"} for run in runs]}
-    save_json(out / "results.json", json.loads(json.dumps(results, default=float)))
+               "seconds": time.perf_counter() - start, "runs": runs}
+    summary = {**results, "runs": [{k: v for k, v in run.items() if k != "history"} for run in runs]}
+    save_json(out / "results.json", json.loads(json.dumps(summary, default=float)))  # history: CSV
     save_history_csv([{"method": run["method"], **h} for run in runs for h in run["history"]],
                      out / "history.csv")
     results["plots"] = [str(p) for p in plot_comparison(runs, target.metric, out)]

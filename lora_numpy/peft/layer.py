@@ -72,7 +72,8 @@ class LoraLinear(Module):
         if niter < 0:
             U, S, Vt = B.xp.linalg.svd(W.astype("float64"), full_matrices=False)
         else:
-            U, S, Vt = randomized_svd(W.astype("float64"), self.r, niter, rng=rng)
+            # Its own fixed seed: reloading the adapter must rebuild exactly the same W_res.
+            U, S, Vt = randomized_svd(W.astype("float64"), self.r, niter, rng=np.random.default_rng(0))
         Bf, Af = split_factors(U[:, :self.r], S[:self.r], Vt[:self.r], self.scaling)
         self.lora_A.data[...] = Af
         self.lora_B.data[...] = Bf
