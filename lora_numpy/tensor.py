@@ -14,6 +14,7 @@ from . import autograd
 from . import backend as B
 from .autograd import _unbroadcast, run_backward
 
+
 def _to_array(data, dtype=None):
     """Python numbers and lists become float32 (ints stay ints); arrays keep their dtype."""
     if isinstance(data, Tensor):

@@ -41,7 +41,7 @@ def groups(params, lr, weight_decay):
 @pytest.mark.parametrize("momentum,weight_decay,nesterov",
                          [(0.0, 0.0, False), (0.9, 0.01, False), (0.9, 0.01, True)])
 def test_sgd_matches_torch(momentum, weight_decay, nesterov):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", exc_type=ImportError)
     params, grads = make_params(), grad_sequence(10)
     theirs = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
     run(SGD(groups(params, 0.1, weight_decay), lr=0.1, momentum=momentum, nesterov=nesterov),
@@ -53,7 +53,7 @@ def test_sgd_matches_torch(momentum, weight_decay, nesterov):
 
 
 def test_adamw_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", exc_type=ImportError)
     params, grads = make_params(), grad_sequence(10)
     theirs = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
     kwargs = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6)
@@ -65,7 +65,7 @@ def test_adamw_matches_torch():
 
 
 def test_clip_grad_norm_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", exc_type=ImportError)
     params, (grads,) = make_params(), grad_sequence(1)
     theirs = [torch.tensor(p.data.copy()) for p in params]
     for p, q, g in zip(params, theirs, grads):

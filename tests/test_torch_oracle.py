@@ -6,7 +6,7 @@ import pytest
 from lora_numpy import Tensor
 from lora_numpy import functional as F
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ImportError)
 TF = torch.nn.functional
 
 
