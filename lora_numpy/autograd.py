@@ -29,7 +29,7 @@ def is_grad_enabled() -> bool:
     return grad_enabled
 
 
-def _unbroadcast(grad, shape):
+def unbroadcast(grad, shape):
     """Sum ``grad`` back to ``shape``: an operand broadcast along an axis was used once per
     position on it, so its gradient is the sum over that axis."""
     if grad.shape == shape:
@@ -43,7 +43,7 @@ def _unbroadcast(grad, shape):
     return grad
 
 
-def _topological_order(root) -> list:
+def topological_order(root) -> list:
     """Nodes that need a gradient, inputs before outputs, by an iterative depth-first search
     (recursion would stop at Python's limit on a long chain)."""
     order, visited = [], set()
@@ -64,7 +64,7 @@ def _topological_order(root) -> list:
 def run_backward(root, grad, retain_graph: bool = False) -> None:
     """Accumulate d(root)/d(leaf), starting from ``grad`` = d(loss)/d(root), into every leaf's
     ``.grad``. Intermediate gradients live only in a dict and leave it once passed on."""
-    order = _topological_order(root)
+    order = topological_order(root)
     for node in order:
         if node._freed:
             raise RuntimeError(

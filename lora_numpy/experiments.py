@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model, save_model
-from .io import file_size, save_json
+from .io import file_size, load_json, save_json
 from .memory import analytic_step_memory, measure_step
 from .models import GPTForSequenceClassification
 from .optim import AdamW
@@ -70,7 +70,7 @@ def base_model(cfg: CompareConfig, progress: bool = True):
     s = cfg.size
     folder = Path(cfg.cache) / f"base-{cfg.source}-L{s.n_layer}-H{s.n_head}-d{s.n_embd}-steps{cfg.base_steps}-seed{cfg.seed}"
     if (folder / "model.npz").is_file():
-        model, meta = load_model(folder)
+        meta = load_json(folder / "config.json")
         print(f"reusing the base model in {folder} (source accuracy {meta['report'].get('accuracy', float('nan')):.1%})")
         return folder
     print(f"pretraining a base model on '{cfg.source}' ({cfg.base_steps} steps); it will be cached in {folder}")

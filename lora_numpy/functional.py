@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from . import backend as B
-from .autograd import _unbroadcast
+from .autograd import unbroadcast
 from .tensor import Tensor
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -294,7 +294,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
 
     def backward(g):
         # dv = Pᵀ g;  dP = g vᵀ;  dS = P ⊙ (dP - Σ_k dP⊙P);  dq = dS k / √d;  dk = dSᵀ q / √d
-        gv = _unbroadcast(p.swapaxes(-1, -2) @ g, v.shape) if v.requires_grad else None
+        gv = unbroadcast(p.swapaxes(-1, -2) @ g, v.shape) if v.requires_grad else None
         gq = gk = None
         if q.requires_grad or k.requires_grad:
             ds = g @ v.data.swapaxes(-1, -2)                       # dP
@@ -302,8 +302,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
             ds *= p
             ds *= scale
             if q.requires_grad:
-                gq = _unbroadcast(ds @ k.data, q.shape)
+                gq = unbroadcast(ds @ k.data, q.shape)
             if k.requires_grad:
-                gk = _unbroadcast(ds.swapaxes(-1, -2) @ q.data, k.shape)
+                gk = unbroadcast(ds.swapaxes(-1, -2) @ q.data, k.shape)
         return gq, gk, gv
     return Tensor._result(out, (q, k, v), backward, "attention")

@@ -16,7 +16,7 @@ import tracemalloc
 from dataclasses import asdict, dataclass
 
 from . import backend as B
-from .autograd import _topological_order
+from .autograd import topological_order
 from .tensor import Tensor
 
 FLOAT_BYTES = 4
@@ -57,7 +57,7 @@ def graph_arrays(loss: Tensor) -> dict:
         if hasattr(a, "nbytes") and hasattr(a, "shape") and a.shape != ():
             root = _buffer(a)
             held[id(root)] = root
-    for node in _topological_order(loss):
+    for node in topological_order(loss):
         add(node.data)
         for cell in (node._backward.__closure__ or ()) if node._backward else ():
             value = cell.cell_contents
@@ -90,19 +90,20 @@ def measure_step(model, batch, loss_fn, optimizer) -> StepMemory:
     loss.backward()
     gradients = sum(p.grad.nbytes for p in params if p.grad is not None)
     optimizer.step()
+    param_bytes = sum(p.data.nbytes for p in params)
+    state_bytes = optimizer_state_bytes(optimizer)
     if on_gpu:
         B.xp.cuda.Device().synchronize()
         peak = pool.total_bytes()  # parameters live in the pool too
     else:
         # tracemalloc sees only what was allocated since start; what existed before is the
         # parameters and the optimizer state, added back here.
-        peak = tracemalloc.get_traced_memory()[1] + sum(p.data.nbytes for p in params)
-        peak += optimizer_state_bytes(optimizer)
+        peak = tracemalloc.get_traced_memory()[1] + param_bytes + state_bytes
         tracemalloc.stop()
+    trainable_bytes = sum(p.data.nbytes for p in trainable)
     return StepMemory(
-        params_trainable=sum(p.data.nbytes for p in trainable),
-        params_frozen=sum(p.data.nbytes for p in params if not p.requires_grad),
-        gradients=gradients, optimizer_state=optimizer_state_bytes(optimizer),
+        params_trainable=trainable_bytes, params_frozen=param_bytes - trainable_bytes,
+        gradients=gradients, optimizer_state=state_bytes,
         activations=activations, measured_peak=int(peak))
 
 

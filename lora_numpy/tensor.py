@@ -12,7 +12,7 @@ import numpy as np
 
 from . import autograd
 from . import backend as B
-from .autograd import _unbroadcast, run_backward
+from .autograd import unbroadcast, run_backward
 
 
 def _to_array(data, dtype=None):
@@ -152,42 +152,36 @@ class Tensor:
         a, b = self, self._lift(other)
 
         def backward(g):  # d(a+b)/da = 1, d(a+b)/db = 1
-            return (_unbroadcast(g, a.shape) if a.requires_grad else None,
-                    _unbroadcast(g, b.shape) if b.requires_grad else None)
+            return (unbroadcast(g, a.shape) if a.requires_grad else None,
+                    unbroadcast(g, b.shape) if b.requires_grad else None)
         return Tensor._result(a.data + b.data, (a, b), backward, "add")
 
     def __sub__(self, other):
         a, b = self, self._lift(other)
 
         def backward(g):  # d(a-b)/da = 1, d(a-b)/db = -1
-            return (_unbroadcast(g, a.shape) if a.requires_grad else None,
-                    _unbroadcast(-g, b.shape) if b.requires_grad else None)
+            return (unbroadcast(g, a.shape) if a.requires_grad else None,
+                    unbroadcast(-g, b.shape) if b.requires_grad else None)
         return Tensor._result(a.data - b.data, (a, b), backward, "sub")
 
     def __mul__(self, other):
         a, b = self, self._lift(other)
 
         def backward(g):  # d(ab)/da = b, d(ab)/db = a
-            return (_unbroadcast(g * b.data, a.shape) if a.requires_grad else None,
-                    _unbroadcast(g * a.data, b.shape) if b.requires_grad else None)
+            return (unbroadcast(g * b.data, a.shape) if a.requires_grad else None,
+                    unbroadcast(g * a.data, b.shape) if b.requires_grad else None)
         return Tensor._result(a.data * b.data, (a, b), backward, "mul")
 
     def __truediv__(self, other):
         a, b = self, self._lift(other)
 
         def backward(g):  # d(a/b)/da = 1/b, d(a/b)/db = -a/b²
-            return (_unbroadcast(g / b.data, a.shape) if a.requires_grad else None,
-                    _unbroadcast(-g * a.data / (b.data * b.data), b.shape) if b.requires_grad else None)
+            return (unbroadcast(g / b.data, a.shape) if a.requires_grad else None,
+                    unbroadcast(-g * a.data / (b.data * b.data), b.shape) if b.requires_grad else None)
         return Tensor._result(a.data / b.data, (a, b), backward, "div")
-
-    def __radd__(self, other):
-        return self._lift(other) + self
 
     def __rsub__(self, other):
         return self._lift(other) - self
-
-    def __rmul__(self, other):
-        return self._lift(other) * self
 
     def __rtruediv__(self, other):
         return self._lift(other) / self
@@ -208,6 +202,9 @@ class Tensor:
         def backward(g):  # d(a^p)/da = p a^(p-1)
             return (g * (exponent * a.data ** (exponent - 1)),)
         return Tensor._result(a.data ** exponent, (a,), backward, "pow")
+
+    __radd__ = __add__  # a + b = b + a, exactly, in floating point too
+    __rmul__ = __mul__
 
     def __matmul__(self, other):
         return matmul(self, self._lift(other))
@@ -257,7 +254,7 @@ class Tensor:
         mask = mask.data if isinstance(mask, Tensor) else B.asarray(mask)
 
         def backward(g):  # 0 where filled, 1 elsewhere
-            return (_unbroadcast(B.xp.where(mask, 0, g), a.shape),)
+            return (unbroadcast(B.xp.where(mask, 0, g), a.shape),)
         return Tensor._result(B.xp.where(mask, B.xp.asarray(value, dtype=a.dtype), a.data),
                               (a,), backward, "masked_fill")
 
@@ -272,11 +269,8 @@ class Tensor:
         return Tensor._result(a.data.sum(axis=axis, keepdims=keepdims), (a,), backward, "sum")
 
     def mean(self, axis=None, keepdims: bool = False):
-        axes = range(self.ndim) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-        count = 1
-        for ax in axes:
-            count *= self.shape[ax]
-        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / count)
+        total = self.sum(axis=axis, keepdims=keepdims)
+        return total * (total.data.size / self.data.size)  # sum / number of elements summed
 
     def max(self, axis=None, keepdims: bool = False):
         a = self
@@ -356,9 +350,9 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
         g2 = g.reshape(out2.shape)
         ga = gb = None
         if a.requires_grad:
-            ga = _unbroadcast(B.xp.matmul(g2, b2.swapaxes(-1, -2)), a2.shape).reshape(a.shape)
+            ga = unbroadcast(B.xp.matmul(g2, b2.swapaxes(-1, -2)), a2.shape).reshape(a.shape)
         if b.requires_grad:
-            gb = _unbroadcast(B.xp.matmul(a2.swapaxes(-1, -2), g2), b2.shape).reshape(b.shape)
+            gb = unbroadcast(B.xp.matmul(a2.swapaxes(-1, -2), g2), b2.shape).reshape(b.shape)
         return ga, gb
     out_shape = out2.shape[:-2] + out2.shape[-2:-1] * (a.ndim > 1) + out2.shape[-1:] * (b.ndim > 1)
     return Tensor._result(out2.reshape(out_shape), (a, b), backward, "matmul")
@@ -398,6 +392,6 @@ def where(condition, a, b) -> Tensor:
     b = a._lift(b)
 
     def backward(g):  # the gradient follows whichever operand was picked
-        return (_unbroadcast(B.xp.where(condition, g, 0), a.shape) if a.requires_grad else None,
-                _unbroadcast(B.xp.where(condition, 0, g), b.shape) if b.requires_grad else None)
+        return (unbroadcast(B.xp.where(condition, g, 0), a.shape) if a.requires_grad else None,
+                unbroadcast(B.xp.where(condition, 0, g), b.shape) if b.requires_grad else None)
     return Tensor._result(B.xp.where(condition, a.data, b.data), (a, b), backward, "where")

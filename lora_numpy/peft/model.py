@@ -9,6 +9,7 @@ lora_A``): kilobytes, against megabytes for the model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from dataclasses import replace
@@ -201,7 +202,10 @@ class PeftModel(Module):
         directory = Path(directory)
         config = LoraConfig.from_dict(load_json(directory / "adapter_config.json"))
         arrays = load_arrays(directory / "adapter_model.npz")
-        expected = _expected_adapter_shapes(base_model, config)
+        # What this config makes trainable on this model, found by wrapping a throwaway copy
+        # with the one mechanism that decides it, so the check can never disagree with it.
+        expected = {k: v.shape for k, v in
+                    get_peft_model(copy.deepcopy(base_model), config, seed).adapter_state_dict().items()}
         missing = sorted(set(expected) - set(arrays))
         unexpected = sorted(set(arrays) - set(expected))
         wrong = [f"{k}: file {arrays[k].shape} vs model {expected[k]}"
@@ -215,25 +219,3 @@ class PeftModel(Module):
             params[name].data[...] = B.asarray(value, dtype=params[name].dtype)
         return model
 
-
-def _expected_adapter_shapes(model: Module, config: LoraConfig) -> dict:
-    """The arrays an adapter for ``model`` under ``config`` must hold, with their shapes,
-    worked out without modifying the model."""
-    shapes = {}
-    targets = find_targets(model, config.target_modules)
-    for name, linear in targets:
-        d_out, d_in = linear.weight.shape
-        shapes[f"{name}.lora_A"], shapes[f"{name}.lora_B"] = (config.r, d_in), (d_out, config.r)
-        if config.bias == "lora_only" and linear.bias is not None:
-            shapes[f"{name}.base_layer.bias"] = linear.bias.shape
-    target_names = {n for n, _ in targets}
-    for name, p in model.named_parameters():
-        module_name, _, leaf = name.rpartition(".")
-        wrapped = module_name in target_names
-        path = f"{module_name}.base_layer.{leaf}" if wrapped else name
-        in_saved = config.modules_to_save and any(
-            _matches(prefix, config.modules_to_save)
-            for prefix in (".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)))
-        if (config.bias == "all" and leaf == "bias") or in_saved:
-            shapes[path] = p.shape
-    return shapes
