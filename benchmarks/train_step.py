@@ -68,7 +68,7 @@ else:
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import numpy as np  # noqa: E402
 
-from lora_numpy import backend as B  # noqa: E402
+from lora_numpy import backend  # noqa: E402
 from lora_numpy.models.gpt import GPT, GPTConfig  # noqa: E402
 from lora_numpy.optim import AdamW, clip_grad_norm_  # noqa: E402
 
@@ -91,8 +91,8 @@ if not args.no_torch:
 
 def now():
     """The clock, read after queued GPU work is done (it measures the work, not its launch)."""
-    if B.name == "cupy":
-        B.xp.cuda.Device().synchronize()
+    if backend.name == "cupy":
+        backend.xp.cuda.Device().synchronize()
     return time.perf_counter()
 
 
@@ -127,7 +127,7 @@ def lora_numpy_step(model, params):
         clip_grad_norm_(params, HP["grad_clip"])
         opt.step()
         opt.zero_grad()
-    return timed_step(B.asarray, lambda x, y: model(x, y)[1], lambda loss: loss.backward(), update)
+    return timed_step(backend.asarray, lambda x, y: model(x, y)[1], lambda loss: loss.backward(), update)
 
 
 def torch_step(model, params):
@@ -237,7 +237,7 @@ def bench_size(size, warmup, steps):
         tmodel = torch_gpt(cfg)
         with torch.no_grad():  # the same initial weights, so the first losses must agree
             for name, p in model.named_parameters():
-                tmodel.get_parameter(name).copy_(torch.from_numpy(B.to_numpy(p.data)))
+                tmodel.get_parameter(name).copy_(torch.from_numpy(backend.to_numpy(p.data)))
         steps_by_name["torch"] = torch_step(tmodel, list(tmodel.parameters()))
     row = {"size": size, "config": dict(zip(("n_layer", "n_head", "n_embd", "context", "batch",
                                              "vocab"), SIZES[size])),
@@ -258,7 +258,7 @@ def print_row(size, impl, r, ratio=False):
 
 
 def main():
-    print(f"lora_numpy train step | numpy {np.__version__} | backend {B.name} | python "
+    print(f"lora_numpy train step | numpy {np.__version__} | backend {backend.name} | python "
           f"{platform.python_version()} | threads {THREADS} (from {THREADS_FROM})")
     print(f"BLAS: {BLAS}")
     if hasattr(os, "getloadavg"):  # anything else running slows every figure below
@@ -285,7 +285,7 @@ def main():
             print_row(size, "np/torch", row["ratio"], ratio=True)
         rows.append(row)
     if args.json:
-        meta = {"numpy": np.__version__, "backend": B.name, "threads": THREADS,
+        meta = {"numpy": np.__version__, "backend": backend.name, "threads": THREADS,
                 "threads_from": THREADS_FROM, "blas": BLAS, "python": platform.python_version(),
                 "torch": torch.__version__ if torch is not None else None, "hyperparameters": HP}
         with open(args.json, "w") as f:

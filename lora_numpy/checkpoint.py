@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend as B
+from . import backend
 from .io import load_arrays, load_json, save_arrays, save_json
 from .models import GPT, GPTConfig, GPTForSequenceClassification
 from .nn import Module
@@ -22,7 +22,7 @@ from .nn import Module
 
 def _check_finite(model: Module) -> None:
     for name, p in model.named_parameters():
-        if not bool(B.xp.isfinite(p.data).all()):
+        if not bool(backend.xp.isfinite(p.data).all()):
             raise ValueError(f"parameter {name} holds NaN or inf; refusing to overwrite a "
                              "checkpoint with a broken model")
 
@@ -90,4 +90,4 @@ def load_train_state(directory, model, optimizer, data_rng, dropout_rngs):
 
 def snapshot(model: Module) -> dict:
     """Copies of every parameter array, for checking later what training changed."""
-    return {name: np.array(B.to_numpy(a), copy=True) for name, a in model.state_dict().items()}
+    return {name: np.array(backend.to_numpy(a), copy=True) for name, a in model.state_dict().items()}

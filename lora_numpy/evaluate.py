@@ -5,7 +5,7 @@ import contextlib
 
 import numpy as np
 
-from . import backend as B
+from . import backend
 from . import functional as F
 from .metrics import classification_report, exact_match
 from .autograd import no_grad
@@ -25,7 +25,7 @@ def evaluating(model):
 
 def greedy_answers(model, prompts, answer_len: int, batch_size: int = 1000) -> np.ndarray:
     """Generate ``answer_len`` tokens after each prompt (N, P) by argmax; returns (N, answer_len)."""
-    out = [B.to_numpy(model.generate(prompts[i:i + batch_size], answer_len, temperature=0))[:, -answer_len:]
+    out = [backend.to_numpy(model.generate(prompts[i:i + batch_size], answer_len, temperature=0))[:, -answer_len:]
            for i in range(0, len(prompts), batch_size)]
     return np.concatenate(out)
 
@@ -41,7 +41,7 @@ def exact_match_accuracy(model, task, split: str = "test", limit: int | None = N
 def classify(model, x, lengths, batch_size: int = 1000) -> np.ndarray:
     """Predicted class ids (N,) for inputs x (N, T) with real lengths (N,)."""
     with evaluating(model):
-        preds = [B.to_numpy(model(x[i:i + batch_size], lengths[i:i + batch_size])[0].data.argmax(-1))
+        preds = [backend.to_numpy(model(x[i:i + batch_size], lengths[i:i + batch_size])[0].data.argmax(-1))
                  for i in range(0, len(x), batch_size)]
     return np.concatenate(preds)
 

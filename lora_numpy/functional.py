@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from . import backend as B
+from . import backend
 from .autograd import unbroadcast
 from .tensor import Tensor
 
@@ -18,7 +18,7 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def _data(x):
-    return x.data if isinstance(x, Tensor) else B.asarray(x)
+    return x.data if isinstance(x, Tensor) else backend.asarray(x)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -91,7 +91,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     """``exp(x) / Σ exp(x)`` along ``axis``, computed on ``x - max`` so it never overflows."""
-    e = B.xp.exp(x.data - x.data.max(axis=axis, keepdims=True))
+    e = backend.xp.exp(x.data - x.data.max(axis=axis, keepdims=True))
     y = e / e.sum(axis=axis, keepdims=True)
 
     def backward(g):  # dx = y ⊙ (g - Σ g⊙y)
@@ -101,7 +101,7 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def _log_softmax_array(z, axis):
     shifted = z - z.max(axis=axis, keepdims=True)
-    return shifted - B.xp.log(B.xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted - backend.xp.log(backend.xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
@@ -109,7 +109,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     y = _log_softmax_array(x.data, axis)
 
     def backward(g):  # dx = g - softmax(x) Σ g
-        return (g - B.xp.exp(y) * g.sum(axis=axis, keepdims=True),)
+        return (g - backend.xp.exp(y) * g.sum(axis=axis, keepdims=True),)
     return Tensor._result(y, (x,), backward, "log_softmax")
 
 
@@ -127,9 +127,9 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, weight=None
         raise ValueError(f"cross_entropy: logits {logits.shape} need targets of shape "
                          f"{logits.shape[:-1]}, got {_data(targets).shape}")
     counted = t != ignore_index
-    safe_t = B.xp.where(counted, t, 0)
+    safe_t = backend.xp.where(counted, t, 0)
     if bool(((safe_t < 0) | (safe_t >= n_classes)).any()):
-        bad = B.to_numpy(t[counted & ((t < 0) | (t >= n_classes))])[:5]
+        bad = backend.to_numpy(t[counted & ((t < 0) | (t >= n_classes))])[:5]
         raise ValueError(f"cross_entropy: target ids {bad.tolist()} are outside [0, {n_classes}) "
                          f"and are not ignore_index={ignore_index}")
     w = counted.astype(z.dtype)
@@ -137,11 +137,11 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, weight=None
         w = w * _data(weight).astype(z.dtype)[safe_t]
     total = w.sum()  # PyTorch's convention: all targets ignored gives 0/0 = nan
     logp = _log_softmax_array(z, axis=-1)
-    rows = B.xp.arange(z.shape[0])
+    rows = backend.xp.arange(z.shape[0])
     loss = -(w * logp[rows, safe_t]).sum() / total
 
     def backward(g):  # dz = (softmax(z) - onehot(t)) · w / Σw
-        dz = B.xp.exp(logp)
+        dz = backend.xp.exp(logp)
         dz[rows, safe_t] -= 1
         dz *= (g * w / total)[:, None]
         return (dz.reshape(logits.shape),)
@@ -156,8 +156,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     """
     d = x.shape[-1]
     xhat = x.data - x.data.mean(axis=-1, keepdims=True)      # x - μ, normalised in place below
-    var = B.xp.einsum("...i,...i->...", xhat, xhat)[..., None] / d  # one pass, no x² temporary
-    rstd = 1.0 / B.xp.sqrt(var + eps)
+    var = backend.xp.einsum("...i,...i->...", xhat, xhat)[..., None] / d  # one pass, no x² temporary
+    rstd = 1.0 / backend.xp.sqrt(var + eps)
     xhat *= rstd                                              # x̂ = (x - μ) / √(σ² + ε)
     y = xhat if weight is None else xhat * weight.data
     if bias is not None:
@@ -168,8 +168,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         grads = []
         if x.requires_grad:  # dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ x̂)), ĝ = g · weight
             gh = g if weight is None else g * weight.data
-            dx = xhat * (B.xp.einsum("...i,...i->...", gh, xhat)[..., None] / d)
-            B.xp.subtract(gh, dx, out=dx)
+            dx = xhat * (backend.xp.einsum("...i,...i->...", gh, xhat)[..., None] / d)
+            backend.xp.subtract(gh, dx, out=dx)
             dx -= gh.mean(axis=-1, keepdims=True)
             dx *= rstd
             grads.append(dx)
@@ -177,7 +177,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
             grads.append(None)
         rows_g, rows_xhat = g.reshape(-1, d), xhat.reshape(-1, d)
         if weight is not None:  # dweight = Σ_rows g · x̂
-            grads.append(B.xp.einsum("ni,ni->i", rows_g, rows_xhat) if weight.requires_grad else None)
+            grads.append(backend.xp.einsum("ni,ni->i", rows_g, rows_xhat) if weight.requires_grad else None)
         if bias is not None:  # dbias = Σ_rows g
             grads.append(rows_g.sum(axis=0) if bias.requires_grad else None)
         return grads
@@ -193,7 +193,7 @@ def gelu(x: Tensor) -> Tensor:
     t *= 0.044715 * _GELU_C
     t += _GELU_C
     t *= a
-    B.xp.tanh(t, out=t)          # t = tanh(√(2/π) (x + 0.044715 x³))
+    backend.xp.tanh(t, out=t)          # t = tanh(√(2/π) (x + 0.044715 x³))
     y = t + 1.0
     y *= 0.5
     y *= a                       # y = ½ x (1 + t)
@@ -205,9 +205,9 @@ def gelu(x: Tensor) -> Tensor:
         d *= a
         d *= 0.5 * _GELU_C
         u = t * t
-        B.xp.subtract(1.0, u, out=u)
+        backend.xp.subtract(1.0, u, out=u)
         d *= u
-        B.xp.add(t, 1.0, out=u)
+        backend.xp.add(t, 1.0, out=u)
         u *= 0.5
         d += u
         d *= g
@@ -221,7 +221,7 @@ def dropout_mask(shape, p: float, rng, dtype):
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     keep = rng.random(shape, dtype="float32") >= p
-    return B.asarray(keep, dtype=dtype) * (1.0 / (1.0 - p))
+    return backend.asarray(keep, dtype=dtype) * (1.0 / (1.0 - p))
 
 
 def dropout(x: Tensor, p: float, training: bool, rng) -> Tensor:
@@ -248,8 +248,8 @@ def embedding(idx, weight: Tensor) -> Tensor:
                          f"[{int(ids.min())}, {int(ids.max())}]")
 
     def backward(g):  # dW[v] = Σ of g over every position whose id is v (ids repeat)
-        dw = B.xp.zeros_like(weight.data)
-        B.scatter_add(dw, ids.reshape(-1), g.reshape(-1, weight.shape[1]))
+        dw = backend.xp.zeros_like(weight.data)
+        backend.scatter_add(dw, ids.reshape(-1), g.reshape(-1, weight.shape[1]))
         return (dw,)
     return Tensor._result(weight.data[ids], (weight,), backward, "embedding")
 
@@ -261,10 +261,10 @@ def causal_bias(t_q: int, t_k: int, dtype):
     """(t_q, t_k) array: 0 where a query may look, -inf at keys after the query's position
     (queries are the last ``t_q`` of ``t_k`` positions). Added to the scores, it masks them in
     one broadcast pass; made once per shape and reused."""
-    key = (t_q, t_k, str(dtype), B.name)
+    key = (t_q, t_k, str(dtype), backend.name)
     if key not in _causal_bias_cache:
-        future = B.xp.triu(B.xp.ones((t_q, t_k), dtype=bool), k=1 + t_k - t_q)
-        _causal_bias_cache[key] = B.xp.where(future, -B.xp.inf, 0).astype(dtype)
+        future = backend.xp.triu(backend.xp.ones((t_q, t_k), dtype=bool), k=1 + t_k - t_q)
+        _causal_bias_cache[key] = backend.xp.where(future, -backend.xp.inf, 0).astype(dtype)
     return _causal_bias_cache[key]
 
 
@@ -275,7 +275,7 @@ def attention_weights(q: Tensor, k: Tensor, causal: bool = True):
     if causal:
         scores += causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
     scores -= scores.max(axis=-1, keepdims=True)
-    B.xp.exp(scores, out=scores)
+    backend.xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     return scores
 

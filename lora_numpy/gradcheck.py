@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend as B
+from . import backend
 from .autograd import no_grad
 from .tensor import Tensor
 
@@ -38,15 +38,15 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1
             raise TypeError(f"gradcheck needs float64 inputs (float32 rounding swamps the "
                             f"differences); got {t.dtype}: make it with Tensor(x, dtype='float64')")
     for t in checked:  # perturbing through a flat view needs contiguous memory
-        t.data = B.xp.ascontiguousarray(t.data)
+        t.data = backend.xp.ascontiguousarray(t.data)
     rng = np.random.default_rng(seed)
 
     out = fn(*inputs)
-    upstream = B.asarray(rng.standard_normal(out.shape))
+    upstream = backend.asarray(rng.standard_normal(out.shape))
     for t in checked:
         t.grad = None
     out.backward(upstream)
-    analytic = [B.to_numpy(t.grad) if t.grad is not None else np.zeros(t.shape) for t in checked]
+    analytic = [backend.to_numpy(t.grad) if t.grad is not None else np.zeros(t.shape) for t in checked]
 
     def loss() -> float:
         with no_grad():

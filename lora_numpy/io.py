@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend as B
+from . import backend
 
 
 def _atomic_write(path, write) -> Path:
@@ -32,7 +32,7 @@ def _atomic_write(path, write) -> Path:
 
 def save_arrays(path, arrays: dict) -> Path:
     """Write name -> array (NumPy or CuPy) to an uncompressed ``.npz``, atomically."""
-    host = {name: B.to_numpy(a) for name, a in arrays.items()}
+    host = {name: backend.to_numpy(a) for name, a in arrays.items()}
     for name, a in host.items():
         if a.dtype == object:
             raise TypeError(f"array {name!r} has dtype object, which would need pickle; refusing")

@@ -15,7 +15,7 @@ import gc
 import tracemalloc
 from dataclasses import asdict, dataclass
 
-from . import backend as B
+from . import backend
 from .autograd import topological_order
 from .tensor import Tensor
 
@@ -77,10 +77,10 @@ def measure_step(model, batch, loss_fn, optimizer) -> StepMemory:
     the optimizer state already exists, as it does on every step but the first."""
     params = model.parameters()
     trainable = [p for p in params if p.requires_grad]
-    on_gpu = B.name == "cupy"
+    on_gpu = backend.name == "cupy"
     gc.collect()
     if on_gpu:
-        pool = B.xp.get_default_memory_pool()
+        pool = backend.xp.get_default_memory_pool()
         pool.free_all_blocks()  # the pool then grows to the step's high-water mark
     else:
         tracemalloc.start()
@@ -93,7 +93,7 @@ def measure_step(model, batch, loss_fn, optimizer) -> StepMemory:
     param_bytes = sum(p.data.nbytes for p in params)
     state_bytes = optimizer_state_bytes(optimizer)
     if on_gpu:
-        B.xp.cuda.Device().synchronize()
+        backend.xp.cuda.Device().synchronize()
         peak = pool.total_bytes()  # parameters live in the pool too
     else:
         # tracemalloc sees only what was allocated since start; what existed before is the

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend as B
+from . import backend
 
 
 def exact_match(pred_ids, true_ids) -> float:
@@ -23,7 +23,7 @@ def exact_match(pred_ids, true_ids) -> float:
     Returns:
         a float in [0, 1]: (rows equal in every position) / N.
     """
-    pred, true = B.to_numpy(pred_ids), B.to_numpy(true_ids)
+    pred, true = backend.to_numpy(pred_ids), backend.to_numpy(true_ids)
     if pred.shape != true.shape or pred.ndim != 2:
         raise ValueError(
             f"pred_ids and true_ids must both have shape (N, L), got {pred.shape} and {true.shape}"
@@ -35,7 +35,7 @@ def exact_match(pred_ids, true_ids) -> float:
 
 def _class_labels(y, n_classes: int, name: str) -> np.ndarray:
     """``y`` as a 1-D int64 host array of labels in 0..n_classes-1, or a clear error."""
-    y = B.to_numpy(y)
+    y = backend.to_numpy(y)
     if y.ndim != 1:
         raise ValueError(f"{name} must be 1-D, shape (N,), got shape {y.shape}")
     if y.size and not np.issubdtype(y.dtype, np.integer):

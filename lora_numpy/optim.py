@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from . import backend as B
+from . import backend
 from .tensor import Tensor
 
 
@@ -85,7 +85,7 @@ class Optimizer:
             i = index[id(p)]
             for key, value in entries.items():
                 if hasattr(value, "shape"):  # a copy: the live buffer keeps changing in place
-                    arrays[f"{i}.{key}"] = B.to_numpy(value).copy()
+                    arrays[f"{i}.{key}"] = backend.to_numpy(value).copy()
                 else:
                     state.setdefault(str(i), {})[key] = value
         groups = [{**{k: v for k, v in group.items() if k != "params"},
@@ -113,7 +113,7 @@ class Optimizer:
             if value.shape != p.shape:
                 raise ValueError(f"saved {name} has shape {value.shape}, parameter {i} has {p.shape}")
             # xp.array copies onto the current device, so later in-place steps never touch `value`
-            self.state.setdefault(p, {})[key] = B.xp.array(value, dtype=p.dtype)
+            self.state.setdefault(p, {})[key] = backend.xp.array(value, dtype=p.dtype)
 
 
 def _check_hyperparameters(group: dict) -> None:
@@ -164,7 +164,7 @@ class AdamW(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _update(self, p, g, state, group):
-        xp = B.xp
+        xp = backend.xp
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         if not state:
@@ -208,7 +208,7 @@ def clip_grad_norm_(params, max_norm: float) -> float:
     Returns the norm before clipping, ‖g‖ = √(Σₚ ‖gₚ‖²) over every parameter with a gradient.
     Clipped gradients are new arrays: the engine may share a gradient array between tensors.
     """
-    xp = B.xp
+    xp = backend.xp
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import autograd
-from . import backend as B
+from . import backend
 from .autograd import unbroadcast, run_backward
 
 
@@ -20,15 +20,15 @@ def _to_array(data, dtype=None):
     if isinstance(data, Tensor):
         data = data.data
     if dtype is None and not hasattr(data, "dtype"):
-        array = B.xp.asarray(data)
+        array = backend.xp.asarray(data)
         if array.dtype.kind == "f":
-            array = array.astype(B.DEFAULT_DTYPE)
+            array = array.astype(backend.DEFAULT_DTYPE)
         return array
-    return B.asarray(data, dtype=dtype)
+    return backend.asarray(data, dtype=dtype)
 
 
 def _check_same_device(a, b):
-    if type(a) is not type(b) and B.is_cupy_array(a) != B.is_cupy_array(b):
+    if type(a) is not type(b) and backend.is_cupy_array(a) != backend.is_cupy_array(b):
         raise TypeError(
             "cannot mix a NumPy array and a CuPy array in one op; move both to one device "
             "(backend.to_numpy(...) for the host, backend.asarray(...) for the current backend)"
@@ -85,7 +85,7 @@ class Tensor:
 
     def __repr__(self):
         grad = f", grad_fn={self._op}" if self._op else (", requires_grad=True" if self.requires_grad else "")
-        values = np.array2string(B.to_numpy(self.data), precision=4, separator=", ")
+        values = np.array2string(backend.to_numpy(self.data), precision=4, separator=", ")
         return f"Tensor({values}{grad})"
 
     def item(self) -> float:
@@ -93,7 +93,7 @@ class Tensor:
 
     def numpy(self):
         """The data as a NumPy array on the host (a copy when it lives on a GPU)."""
-        return B.to_numpy(self.data)
+        return backend.to_numpy(self.data)
 
     def detach(self) -> "Tensor":
         """The same data, cut from the graph: no gradient flows through the result."""
@@ -112,7 +112,7 @@ class Tensor:
             return Tensor(other)
         # A plain number takes the tensor's dtype (PyTorch's rule), so `x * np.sqrt(2)`
         # keeps float32 instead of silently promoting to float64.
-        return Tensor(B.xp.asarray(other, dtype=self.data.dtype))
+        return Tensor(backend.xp.asarray(other, dtype=self.data.dtype))
 
     @staticmethod
     def _result(data, parents, backward, op) -> "Tensor":
@@ -139,7 +139,7 @@ class Tensor:
                 raise RuntimeError(
                     f"backward() on a non-scalar tensor of shape {self.shape} needs a gradient: "
                     "reduce it to a scalar first (.sum(), .mean()) or pass grad= of that shape")
-            grad = B.xp.ones_like(self.data)
+            grad = backend.xp.ones_like(self.data)
         else:
             grad = _to_array(grad, dtype=self.data.dtype)
             if grad.shape != self.shape:
@@ -214,7 +214,7 @@ class Tensor:
 
     # ---- elementwise functions --------------------------------------------------------
     def exp(self):
-        a, out = self, B.xp.exp(self.data)
+        a, out = self, backend.xp.exp(self.data)
 
         def backward(g):  # d(e^a)/da = e^a
             return (g * out,)
@@ -225,17 +225,17 @@ class Tensor:
 
         def backward(g):  # d(log a)/da = 1/a
             return (g / a.data,)
-        return Tensor._result(B.xp.log(a.data), (a,), backward, "log")
+        return Tensor._result(backend.xp.log(a.data), (a,), backward, "log")
 
     def tanh(self):
-        a, out = self, B.xp.tanh(self.data)
+        a, out = self, backend.xp.tanh(self.data)
 
         def backward(g):  # d(tanh a)/da = 1 - tanh²(a)
             return (g * (1 - out * out),)
         return Tensor._result(out, (a,), backward, "tanh")
 
     def sqrt(self):
-        a, out = self, B.xp.sqrt(self.data)
+        a, out = self, backend.xp.sqrt(self.data)
 
         def backward(g):  # d(√a)/da = 1 / (2√a)
             return (g * 0.5 / out,)
@@ -246,16 +246,16 @@ class Tensor:
 
         def backward(g):  # d(max(a,0))/da = 1 where a > 0, else 0
             return (g * (a.data > 0),)
-        return Tensor._result(B.xp.maximum(a.data, 0), (a,), backward, "relu")
+        return Tensor._result(backend.xp.maximum(a.data, 0), (a,), backward, "relu")
 
     def masked_fill(self, mask, value: float):
         """Put ``value`` where ``mask`` is True; no gradient flows to the filled places."""
         a = self
-        mask = mask.data if isinstance(mask, Tensor) else B.asarray(mask)
+        mask = mask.data if isinstance(mask, Tensor) else backend.asarray(mask)
 
         def backward(g):  # 0 where filled, 1 elsewhere
-            return (unbroadcast(B.xp.where(mask, 0, g), a.shape),)
-        return Tensor._result(B.xp.where(mask, B.xp.asarray(value, dtype=a.dtype), a.data),
+            return (unbroadcast(backend.xp.where(mask, 0, g), a.shape),)
+        return Tensor._result(backend.xp.where(mask, backend.xp.asarray(value, dtype=a.dtype), a.data),
                               (a,), backward, "masked_fill")
 
     # ---- reductions -------------------------------------------------------------------
@@ -264,8 +264,8 @@ class Tensor:
 
         def backward(g):  # every summed element gets the output's gradient
             if not keepdims and axis is not None:
-                g = B.xp.expand_dims(g, axis)
-            return (B.xp.broadcast_to(g, a.shape).copy(),)
+                g = backend.xp.expand_dims(g, axis)
+            return (backend.xp.broadcast_to(g, a.shape).copy(),)
         return Tensor._result(a.data.sum(axis=axis, keepdims=keepdims), (a,), backward, "sum")
 
     def mean(self, axis=None, keepdims: bool = False):
@@ -278,7 +278,7 @@ class Tensor:
 
         def backward(g):  # the gradient goes to the maximum (split evenly between ties)
             if not keepdims and axis is not None:
-                g = B.xp.expand_dims(g, axis)
+                g = backend.xp.expand_dims(g, axis)
             hit = a.data == top
             return (g * hit / hit.sum(axis=axis, keepdims=True),)
         out = top if keepdims else (top.reshape(()) if axis is None else top.squeeze(axis))
@@ -318,11 +318,11 @@ class Tensor:
             index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
 
         def backward(g):  # scatter back; repeated indices add up
-            full = B.xp.zeros_like(a.data)
+            full = backend.xp.zeros_like(a.data)
             if _is_basic_index(index):
                 full[index] = g
             else:
-                B.scatter_add(full, index, g)
+                backend.scatter_add(full, index, g)
             return (full,)
         return Tensor._result(a.data[index], (a,), backward, "getitem")
 
@@ -344,15 +344,15 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     a2 = a.data if a.ndim > 1 else a.data[None, :]
     b2 = b.data if b.ndim > 1 else b.data[:, None]
 
-    out2 = B.xp.matmul(a2, b2)
+    out2 = backend.xp.matmul(a2, b2)
 
     def backward(g):  # d(AB)/dA = G Bᵀ, d(AB)/dB = Aᵀ G, summed over broadcast batch axes
         g2 = g.reshape(out2.shape)
         ga = gb = None
         if a.requires_grad:
-            ga = unbroadcast(B.xp.matmul(g2, b2.swapaxes(-1, -2)), a2.shape).reshape(a.shape)
+            ga = unbroadcast(backend.xp.matmul(g2, b2.swapaxes(-1, -2)), a2.shape).reshape(a.shape)
         if b.requires_grad:
-            gb = unbroadcast(B.xp.matmul(a2.swapaxes(-1, -2), g2), b2.shape).reshape(b.shape)
+            gb = unbroadcast(backend.xp.matmul(a2.swapaxes(-1, -2), g2), b2.shape).reshape(b.shape)
         return ga, gb
     out_shape = out2.shape[:-2] + out2.shape[-2:-1] * (a.ndim > 1) + out2.shape[-1:] * (b.ndim > 1)
     return Tensor._result(out2.reshape(out_shape), (a, b), backward, "matmul")
@@ -370,7 +370,7 @@ def cat(tensors, axis: int = 0) -> Tensor:
     def backward(g):  # each input gets its own slice of the gradient
         return tuple(g[lead + (slice(lo, hi),)] if t.requires_grad else None
                      for t, lo, hi in zip(tensors, bounds[:-1], bounds[1:]))
-    return Tensor._result(B.xp.concatenate([t.data for t in tensors], axis=axis), tensors,
+    return Tensor._result(backend.xp.concatenate([t.data for t in tensors], axis=axis), tensors,
                           backward, "cat")
 
 
@@ -379,19 +379,19 @@ def stack(tensors, axis: int = 0) -> Tensor:
     tensors = tuple(tensors)
 
     def backward(g):  # input i gets slice i of the new axis
-        return tuple(B.xp.take(g, i, axis=axis) if t.requires_grad else None
+        return tuple(backend.xp.take(g, i, axis=axis) if t.requires_grad else None
                      for i, t in enumerate(tensors))
-    return Tensor._result(B.xp.stack([t.data for t in tensors], axis=axis), tensors,
+    return Tensor._result(backend.xp.stack([t.data for t in tensors], axis=axis), tensors,
                           backward, "stack")
 
 
 def where(condition, a, b) -> Tensor:
     """Elementwise ``a`` where ``condition`` is True, else ``b``."""
-    condition = condition.data if isinstance(condition, Tensor) else B.asarray(condition)
+    condition = condition.data if isinstance(condition, Tensor) else backend.asarray(condition)
     a = a if isinstance(a, Tensor) else Tensor(a)
     b = a._lift(b)
 
     def backward(g):  # the gradient follows whichever operand was picked
-        return (unbroadcast(B.xp.where(condition, g, 0), a.shape) if a.requires_grad else None,
-                unbroadcast(B.xp.where(condition, 0, g), b.shape) if b.requires_grad else None)
-    return Tensor._result(B.xp.where(condition, a.data, b.data), (a, b), backward, "where")
+        return (unbroadcast(backend.xp.where(condition, g, 0), a.shape) if a.requires_grad else None,
+                unbroadcast(backend.xp.where(condition, 0, g), b.shape) if b.requires_grad else None)
+    return Tensor._result(backend.xp.where(condition, a.data, b.data), (a, b), backward, "where")

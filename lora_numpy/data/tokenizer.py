@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend
 
 _UNKNOWN = -1  # marks a code point with no id in the lookup table (real ids are >= 0)
 
@@ -85,7 +85,7 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         """ids, a 1-D sequence of ints of length T (list, NumPy or CuPy array) -> a string of
         length T."""
-        ids = B.to_numpy(ids)
+        ids = backend.to_numpy(ids)
         if ids.ndim != 1:
             raise ValueError(
                 f"decode takes one sequence, shape (T,), got shape {ids.shape}; "

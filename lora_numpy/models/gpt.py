@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend
 from .. import functional as F
 from ..nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from ..autograd import no_grad
@@ -98,7 +98,7 @@ class Block(Module):
 
 
 def _as_ids(idx):
-    ids = B.asarray(idx.data if isinstance(idx, Tensor) else idx)
+    ids = backend.asarray(idx.data if isinstance(idx, Tensor) else idx)
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"token ids must be an integer array of shape (batch, time), "
                          f"got shape {ids.shape} and dtype {ids.dtype}")
@@ -131,7 +131,7 @@ class GPT(Module):
             if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
                 continue  # biases are 0 and LayerNorm weights 1 already
             std = residual_std if name.endswith(("out_proj.weight", "fc2.weight")) else 0.02
-            p.data[...] = B.asarray(rng.normal(0.0, std, size=p.shape).astype(p.dtype))
+            p.data[...] = backend.asarray(rng.normal(0.0, std, size=p.shape).astype(p.dtype))
         for _, module in self.named_modules():
             if isinstance(module, Linear) and module.bias is not None:
                 module.bias.data[...] = 0
@@ -143,7 +143,7 @@ class GPT(Module):
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}: "
                              f"crop the input to its last {self.config.block_size} tokens")
-        x = self.drop(self.wte(ids) + self.wpe(B.xp.arange(t)))
+        x = self.drop(self.wte(ids) + self.wpe(backend.xp.arange(t)))
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
@@ -178,14 +178,14 @@ class GPT(Module):
                 if temperature == 0:
                     nxt = logits.argmax(axis=-1)
                 else:
-                    logits = B.to_numpy(logits).astype(np.float64) / temperature
+                    logits = backend.to_numpy(logits).astype(np.float64) / temperature
                     if top_k is not None:
                         kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
                         logits = np.where(logits < kth, -np.inf, logits)
                     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
                     probs /= probs.sum(axis=-1, keepdims=True)
-                    nxt = B.asarray(np.array([rng.choice(len(p), p=p) for p in probs]))
-                ids = B.xp.concatenate([ids, nxt[:, None].astype(ids.dtype)], axis=1)
+                    nxt = backend.asarray(np.array([rng.choice(len(p), p=p) for p in probs]))
+                ids = backend.xp.concatenate([ids, nxt[:, None].astype(ids.dtype)], axis=1)
         self.train(was_training)
         return ids
 
@@ -203,14 +203,14 @@ class GPTForSequenceClassification(Module):
         self.transformer = GPT(config, seed)
         rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[2])
         self.score = Linear(config.n_embd, num_labels, bias=False, rng=rng)
-        self.score.weight.data[...] = B.asarray(rng.normal(0.0, 0.02, size=self.score.weight.shape)
+        self.score.weight.data[...] = backend.asarray(rng.normal(0.0, 0.02, size=self.score.weight.shape)
                                                 .astype(self.score.weight.dtype))
 
     def forward(self, idx, lengths=None, labels=None, class_weight=None):
         """idx (B, T), lengths (B,) real tokens per row (default: all T) -> (logits (B, C), loss)."""
         h = self.transformer.hidden_states(idx)
         b, t, _ = h.shape
-        last = B.xp.full(b, t - 1) if lengths is None else B.asarray(lengths) - 1
-        logits = self.score(h[B.xp.arange(b), last])
+        last = backend.xp.full(b, t - 1) if lengths is None else backend.asarray(lengths) - 1
+        logits = self.score(h[backend.xp.arange(b), last])
         loss = None if labels is None else F.cross_entropy(logits, labels, weight=class_weight)
         return logits, loss

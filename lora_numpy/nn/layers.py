@@ -5,13 +5,13 @@ import math
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend
 from .. import functional as F
 from .module import Module, Parameter
 
 
 def _uniform(rng, bound: float, shape):
-    return B.asarray(rng.uniform(-bound, bound, size=shape).astype(B.DEFAULT_DTYPE))
+    return backend.asarray(rng.uniform(-bound, bound, size=shape).astype(backend.DEFAULT_DTYPE))
 
 
 class Linear(Module):
@@ -42,8 +42,8 @@ class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, rng=None):
         rng = rng if rng is not None else np.random.default_rng()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(B.asarray(
-            rng.standard_normal((num_embeddings, embedding_dim)).astype(B.DEFAULT_DTYPE)))
+        self.weight = Parameter(backend.asarray(
+            rng.standard_normal((num_embeddings, embedding_dim)).astype(backend.DEFAULT_DTYPE)))
 
     def forward(self, idx):
         return F.embedding(idx, self.weight)
@@ -57,8 +57,8 @@ class LayerNorm(Module):
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True):
         self.normalized_shape, self.eps = normalized_shape, eps
-        self.weight = Parameter(B.xp.ones(normalized_shape, dtype=B.DEFAULT_DTYPE))
-        self.bias = Parameter(B.xp.zeros(normalized_shape, dtype=B.DEFAULT_DTYPE)) if bias else None
+        self.weight = Parameter(backend.xp.ones(normalized_shape, dtype=backend.DEFAULT_DTYPE))
+        self.bias = Parameter(backend.xp.zeros(normalized_shape, dtype=backend.DEFAULT_DTYPE)) if bias else None
 
     def forward(self, x):
         return F.layer_norm(x, self.weight, self.bias, self.eps)

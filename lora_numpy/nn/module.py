@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .. import backend as B
+from .. import backend
 from ..tensor import Tensor
 
 
@@ -119,7 +119,7 @@ class Module:
                                + "\n  ".join(problems))
         for name, p in own.items():
             if name in state:
-                p.data[...] = B.asarray(state[name], dtype=p.dtype)
+                p.data[...] = backend.asarray(state[name], dtype=p.dtype)
         return LoadResult(missing, unexpected)
 
     # ---- printing -----------------------------------------------------------------------

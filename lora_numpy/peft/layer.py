@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend
 from .. import functional as F
 from ..nn import Dropout, Linear, Module, Parameter
 from .config import LoraConfig, pissa_niter
@@ -41,8 +41,8 @@ class LoraLinear(Module):
         self.scaling = config.scaling
         self.lora_dropout = Dropout(config.lora_dropout, np.random.default_rng(rng.integers(2**63)))
         dtype = base_layer.weight.dtype
-        self.lora_A = Parameter(B.xp.zeros((config.r, d_in), dtype=dtype))
-        self.lora_B = Parameter(B.xp.zeros((d_out, config.r), dtype=dtype))
+        self.lora_A = Parameter(backend.xp.zeros((config.r, d_in), dtype=dtype))
+        self.lora_B = Parameter(backend.xp.zeros((d_out, config.r), dtype=dtype))
         self.merged = False    # ΔW folded into base_layer.weight
         self.disabled = False  # forward as the base layer alone (disable_adapter)
         self.initial_A = self.initial_B = self.initial_scaling = None  # PiSSA's start (for conversion)
@@ -53,14 +53,14 @@ class LoraLinear(Module):
         if init is True:
             # Kaiming-uniform with a=√5, as PEFT and loralib: U(-1/√d_in, 1/√d_in). B stays 0.
             bound = 1.0 / math.sqrt(d_in)
-            self.lora_A.data[...] = B.asarray(rng.uniform(-bound, bound, self.lora_A.shape))
+            self.lora_A.data[...] = backend.asarray(rng.uniform(-bound, bound, self.lora_A.shape))
         elif init == "gaussian":
-            self.lora_A.data[...] = B.asarray(rng.normal(0.0, 1.0 / self.r, self.lora_A.shape))
+            self.lora_A.data[...] = backend.asarray(rng.normal(0.0, 1.0 / self.r, self.lora_A.shape))
         elif init is False:
             # B random too, so ΔW ≠ 0 from the start: only for tests and experiments.
             bound = 1.0 / math.sqrt(d_in)
-            self.lora_A.data[...] = B.asarray(rng.uniform(-bound, bound, self.lora_A.shape))
-            self.lora_B.data[...] = B.asarray(rng.uniform(-bound, bound, self.lora_B.shape))
+            self.lora_A.data[...] = backend.asarray(rng.uniform(-bound, bound, self.lora_A.shape))
+            self.lora_B.data[...] = backend.asarray(rng.uniform(-bound, bound, self.lora_B.shape))
         else:
             self._init_pissa(pissa_niter(init), rng)
 
@@ -70,7 +70,7 @@ class LoraLinear(Module):
         (The PiSSA paper names the factors the other way round; these are PEFT's names.)"""
         W = self.base_layer.weight.data
         if niter < 0:
-            U, S, Vt = B.xp.linalg.svd(W.astype("float64"), full_matrices=False)
+            U, S, Vt = backend.xp.linalg.svd(W.astype("float64"), full_matrices=False)
         else:
             # Its own fixed seed: reloading the adapter must rebuild exactly the same W_res.
             U, S, Vt = randomized_svd(W.astype("float64"), self.r, niter, rng=np.random.default_rng(0))

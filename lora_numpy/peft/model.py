@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend
 from ..io import load_arrays, load_json, save_arrays, save_json
 from ..nn import Linear, Module, Parameter
 from .config import LoraConfig, pissa_niter
@@ -173,7 +173,7 @@ class PeftModel(Module):
         or √2·alpha with rsLoRA), as PEFT does.
         """
         config, arrays = self.peft_config, self.adapter_state_dict()
-        broken = [name for name, a in arrays.items() if not bool(B.xp.isfinite(a).all())]
+        broken = [name for name, a in arrays.items() if not bool(backend.xp.isfinite(a).all())]
         if broken:
             raise ValueError(f"adapter arrays {broken} hold NaN or inf; refusing to overwrite "
                              f"{directory} with a broken adapter")
@@ -182,9 +182,9 @@ class PeftModel(Module):
                 raise ValueError("convert_pissa_to_lora needs a PiSSA adapter, but init_lora_weights="
                                  f"{config.init_lora_weights!r}")
             for name, layer in self.lora_layers():
-                arrays[f"{name}.lora_A"] = B.xp.concatenate([layer.lora_A.data, layer.initial_A], axis=0)
+                arrays[f"{name}.lora_A"] = backend.xp.concatenate([layer.lora_A.data, layer.initial_A], axis=0)
                 ratio = layer.initial_scaling / layer.scaling
-                arrays[f"{name}.lora_B"] = B.xp.concatenate([layer.lora_B.data, -ratio * layer.initial_B], axis=1)
+                arrays[f"{name}.lora_B"] = backend.xp.concatenate([layer.lora_B.data, -ratio * layer.initial_B], axis=1)
             rank = config.r + self.lora_layers()[0][1].initial_A.shape[0]
             alpha = config.scaling * (math.sqrt(rank) if config.use_rslora else rank)
             config = replace(config, r=rank, lora_alpha=alpha, init_lora_weights=True)
@@ -216,6 +216,6 @@ class PeftModel(Module):
         model = get_peft_model(base_model, config, seed)
         params = dict(base_model.named_parameters())
         for name, value in arrays.items():
-            params[name].data[...] = B.asarray(value, dtype=params[name].dtype)
+            params[name].data[...] = backend.asarray(value, dtype=params[name].dtype)
         return model
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend as B
+from .. import backend
 
 
 def split_factors(U, S, Vt, scaling: float = 1.0):
@@ -16,7 +16,7 @@ def split_factors(U, S, Vt, scaling: float = 1.0):
 
     U (m, k), S (k,), Vt (k, n) -> B (m, k) = U √(S/s), A (k, n) = √(S/s) Vt.
     """
-    root = B.xp.sqrt(S / scaling)
+    root = backend.xp.sqrt(S / scaling)
     return U * root[None, :], root[:, None] * Vt
 
 
@@ -25,7 +25,7 @@ def low_rank_approximation(M, k: int):
     m, n = M.shape
     if not 1 <= k <= min(m, n):
         raise ValueError(f"rank k must be in [1, {min(m, n)}] for a {m}x{n} matrix, got {k}")
-    U, S, Vt = B.xp.linalg.svd(M, full_matrices=False)
+    U, S, Vt = backend.xp.linalg.svd(M, full_matrices=False)
     return split_factors(U[:, :k], S[:k], Vt[:k])
 
 
@@ -39,8 +39,8 @@ def randomized_svd(M, k: int, n_iter: int = 2, oversample: int = 0, rng=None):
     ``oversample=0`` mirrors PEFT's ``torch.svd_lowrank(W, q=r, niter=K)`` call.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
-    xp = B.xp
-    omega = B.asarray(rng.standard_normal((M.shape[1], k + oversample)).astype(M.dtype))
+    xp = backend.xp
+    omega = backend.asarray(rng.standard_normal((M.shape[1], k + oversample)).astype(M.dtype))
     Q, _ = xp.linalg.qr(M @ omega)
     for _ in range(n_iter):  # re-orthonormalise each time: powers of S would swamp float32
         Q, _ = xp.linalg.qr(M.T @ Q)
@@ -58,7 +58,7 @@ def truncate_product(B_mat, A_mat, k: int):
     r = B_mat.shape[1]
     if not 1 <= k <= r:
         raise ValueError(f"can only truncate to a rank in [1, {r}], got {k}")
-    Qb, Rb = B.xp.linalg.qr(B_mat)
-    Qa, Ra = B.xp.linalg.qr(A_mat.T)
-    Uc, S, Vtc = B.xp.linalg.svd(Rb @ Ra.T)
+    Qb, Rb = backend.xp.linalg.qr(B_mat)
+    Qa, Ra = backend.xp.linalg.qr(A_mat.T)
+    Uc, S, Vtc = backend.xp.linalg.svd(Rb @ Ra.T)
     return (Qb @ Uc)[:, :k], S[:k], (Qa @ Vtc.T).T[:k]
