@@ -28,5 +28,8 @@ def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
     assert time.perf_counter() - start < 120, f"{path.name} took over two minutes in fast mode"
 
 
-def test_notebooks_exist():
-    assert len(NOTEBOOKS) == 6, [p.name for p in NOTEBOOKS]
+def test_every_notebook_is_linked_from_the_readme():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert len(NOTEBOOKS) >= 6, [p.name for p in NOTEBOOKS]
+    unlinked = [p.name for p in NOTEBOOKS if f"notebooks/{p.name}" not in readme]
+    assert not unlinked, f"README.md does not link {unlinked}"
