@@ -6,7 +6,11 @@ A checkpoint folder holds
                    extras (task, tokenizer)
   optimizer.npz    optimizer buffers (only when a training run saves its state)
   train_state.json step, optimizer scalars, generator states, history
-Every file is written atomically and read with ``allow_pickle=False`` (see ``io.py``).
+A save is one unit: the files are written into a temporary sibling folder that then replaces
+the old folder whole (``io.atomic_directory``), so a crash at any moment leaves the old save or
+the new one, never a mix; every loader first finishes a swap a crash interrupted
+(``io.recover_directory``). Arrays are read with ``allow_pickle=False`` and refused if they hold
+NaN or inf (see ``io.py``).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
-from .io import load_arrays, load_json, save_arrays, save_json
+from .io import atomic_directory, load_arrays, load_json, recover_directory, save_arrays, save_json
 from .models import GPT, GPTConfig, GPTForSequenceClassification
 from .nn import Module
 
@@ -28,7 +32,10 @@ def _check_finite(model: Module) -> None:
 
 
 def save_model(directory, model: Module, extra: dict | None = None) -> Path:
-    """Write ``model.npz`` and ``config.json`` for a GPT or GPTForSequenceClassification."""
+    """Write ``model.npz`` and ``config.json`` for a GPT or GPTForSequenceClassification.
+
+    The folder is replaced whole (other files in it disappear); a non-empty folder that holds
+    no ``config.json`` is refused rather than replaced."""
     _check_finite(model)
     if isinstance(model, GPTForSequenceClassification):
         meta = {"model": "GPTForSequenceClassification", "num_labels": model.num_labels,
@@ -37,16 +44,28 @@ def save_model(directory, model: Module, extra: dict | None = None) -> Path:
         meta = {"model": "GPT", "config": model.config.to_dict()}
     else:
         raise TypeError(f"save_model knows GPT and GPTForSequenceClassification, got {type(model).__name__}")
-    directory = Path(directory)
-    save_arrays(directory / "model.npz", model.state_dict())
-    save_json(directory / "config.json", {**meta, **(extra or {})})
+    with atomic_directory(directory, marker="config.json") as tmp:
+        save_arrays(tmp / "model.npz", model.state_dict())
+        save_json(tmp / "config.json", {**meta, **(extra or {})})
+    return Path(directory)
+
+
+def _saved_folder(directory, marker: str) -> Path:
+    """``directory`` after finishing an interrupted swap; a clear error if it holds no save."""
+    directory = recover_directory(directory)
+    if not (directory / marker).is_file():
+        raise FileNotFoundError(f"{directory} holds no {marker}: not a folder this package "
+                                "saved (or the save never completed)")
     return directory
 
 
 def load_model(directory):
     """Rebuild the model saved by :func:`save_model`; returns (model, config dict)."""
-    directory = Path(directory)
+    directory = _saved_folder(directory, "config.json")
     meta = load_json(directory / "config.json")
+    if not isinstance(meta, dict) or "model" not in meta or "config" not in meta:
+        raise ValueError(f"{directory}/config.json has no 'model' and 'config' entries: "
+                         "not a model checkpoint")
     config = GPTConfig(**meta["config"])
     if meta["model"] == "GPT":
         model = GPT(config)
@@ -59,22 +78,30 @@ def load_model(directory):
 
 
 def save_train_state(directory, model, optimizer, data_rng, dropout_rngs, step, history, config):
-    """Everything a resumed run needs to continue bit for bit."""
+    """Everything a resumed run needs to continue bit for bit, written as one unit (the folder
+    is replaced whole; a non-empty folder without ``train_state.json`` is refused)."""
     _check_finite(model)
-    directory = Path(directory)
-    save_arrays(directory / "model.npz", model.state_dict())
     state = optimizer.state_dict()
-    save_arrays(directory / "optimizer.npz", state["arrays"])
-    save_json(directory / "train_state.json", {
-        "step": step, "optimizer": state["scalars"], "train_config": config,
-        "data_rng": data_rng.bit_generator.state,
-        "dropout_rngs": [g.bit_generator.state for g in dropout_rngs],
-        "history": history})
+    with atomic_directory(directory, marker="train_state.json") as tmp:
+        save_arrays(tmp / "model.npz", model.state_dict())
+        save_arrays(tmp / "optimizer.npz", state["arrays"])
+        save_json(tmp / "train_state.json", {
+            "step": step, "optimizer": state["scalars"], "train_config": config,
+            "data_rng": data_rng.bit_generator.state,
+            "dropout_rngs": [g.bit_generator.state for g in dropout_rngs],
+            "history": history})
+    return Path(directory)
+
+
+def saved_train_config(directory) -> tuple:
+    """(step, training config) of the run saved in ``directory``, read before anything loads."""
+    state = load_json(_saved_folder(directory, "train_state.json") / "train_state.json")
+    return state["step"], state["train_config"]
 
 
 def load_train_state(directory, model, optimizer, data_rng, dropout_rngs):
     """Restore what :func:`save_train_state` wrote; returns (step, history)."""
-    directory = Path(directory)
+    directory = _saved_folder(directory, "train_state.json")
     state = load_json(directory / "train_state.json")
     if len(state["dropout_rngs"]) != len(dropout_rngs):
         raise ValueError(f"checkpoint has {len(state['dropout_rngs'])} dropout generators, the model "

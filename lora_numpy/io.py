@@ -19,9 +19,12 @@ import os
 import shutil
 import tempfile
 import uuid
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from . import backend
 
@@ -58,9 +61,19 @@ def atomic_write(path, write) -> Path:
     return path
 
 
+def _siblings(path: Path, kind: str) -> list:
+    """Folders beside ``path`` named ``.{name}.{kind}-*`` (prefix match, not a glob, so a name
+    holding ``[`` or ``*`` cannot match other folders), newest first."""
+    if not path.parent.is_dir():
+        return []
+    prefix = f".{path.name}.{kind}-"
+    found = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def _parked(path: Path) -> list:
     """Old copies of folder ``path`` set aside by an interrupted swap, newest first."""
-    return sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return _siblings(path, "old")
 
 
 def recover_directory(path) -> Path:
@@ -76,14 +89,25 @@ def recover_directory(path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(path):
+def atomic_directory(path, marker: str | None = None):
     """Write a folder as one unit: ``with atomic_directory(dir) as tmp:`` write every file into
     ``tmp``; on success the folder ``tmp`` replaces ``dir`` whole, on an error ``dir`` is left as it
-    was. Stale temporary and parked folders from earlier crashes are removed first."""
+    was. Stale temporary and parked folders from earlier crashes are removed first.
+
+    The old folder is replaced whole, so files in it that this save does not write disappear.
+    ``marker`` (a file every save of this kind writes, e.g. ``config.json``) guards against
+    deleting the wrong folder: a non-empty ``dir`` without it is not an earlier save, and is
+    refused, never replaced.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
-    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *_parked(path)]:
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a folder; choose another path")
+    if marker is not None and path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise FileExistsError(f"{path} is not empty and holds no {marker}, so it is not an earlier "
+                              "save; refusing to replace it: save into a new or empty folder")
+    for stale in [*_siblings(path, "tmp"), *_parked(path)]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
@@ -92,21 +116,23 @@ def atomic_directory(path):
             if f.is_file():
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())
+        _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        if not path.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise NotADirectoryError(f"{path} exists and is not a folder; choose another path")
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}" if path.exists() else None
+    if old is not None:
         os.rename(path, old)   # park the old save; a crash right here is undone by recover_directory
+    try:
         os.rename(tmp, path)   # the new save appears whole
-        _fsync_dir(path.parent)
+    except BaseException:      # e.g. a concurrent writer recreated `path`: put the old save back
+        if old is not None and not path.exists():
+            os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
     return path
 
 
@@ -120,12 +146,35 @@ def save_arrays(path, arrays: dict) -> Path:
 
 
 def load_arrays(path) -> dict:
-    """Read an ``.npz`` into a dict of NumPy arrays, never unpickling anything."""
+    """Read an ``.npz`` into a dict of NumPy arrays, never unpickling anything.
+
+    Refuses what :func:`save_arrays` would never write: a file that is not an ``.npz`` archive
+    (truncated, foreign, or an object array needing pickle) and floating arrays holding NaN or
+    inf (a broken model must not load silently), naming the file and the array.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    with np.load(path, allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, NpzFile):
+            raise ValueError("it holds a single array (.npy), not an archive of named arrays")
+        with npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        # NumPy says "use allow_pickle=True" for any file that is not an array: wrong advice here
+        why = str(err)
+        if "Object arrays" in why:
+            why = "it holds an object array, which only pickle could read"
+        elif "pickle" in why:
+            why = "it is neither a zip archive nor an array"
+        raise ValueError(f"{path} is not a valid .npz (truncated, or not written by this "
+                         f"package?): {why}") from None
+    for name, a in arrays.items():
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise ValueError(f"array {name!r} in {path} holds NaN or inf; refusing to load a "
+                             "broken file (was it saved from a diverged run?)")
+    return arrays
 
 
 def save_json(path, obj) -> Path:
@@ -137,7 +186,10 @@ def load_json(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON (truncated or edited by hand?): {err}") from None
 
 
 def file_size(path) -> int:

@@ -242,8 +242,13 @@ def cosine_schedule(step: int, max_steps: int, base_lr: float, warmup_steps: int
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * ratio))
 
 
-def set_lr(optimizer: Optimizer, lr: float) -> None:
-    """Give every parameter group the learning rate ``lr`` (call once per step with a schedule's
-    value). For groups with different rates, set ``group["lr"]`` in ``optimizer.param_groups``."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def set_lr(optimizer: Optimizer, lr) -> None:
+    """Set the learning rate (call once per step with a schedule's value): a number gives every
+    parameter group that rate; a list gives one rate per group, in ``param_groups`` order (groups
+    with their own rates, e.g. LoRA+'s B matrices at a multiple of A's)."""
+    rates = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(optimizer.param_groups)
+    if len(rates) != len(optimizer.param_groups):
+        raise ValueError(f"got {len(rates)} learning rates for {len(optimizer.param_groups)} "
+                         "parameter groups; give one per group, or a single number")
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate

@@ -8,17 +8,19 @@ whose state a checkpoint saves, so a resumed run continues exactly where it stop
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_write
 from .nn import Dropout, Module
 from .optim import AdamW, clip_grad_norm_, cosine_schedule, param_groups_for_weight_decay, set_lr
-from .checkpoint import load_train_state, save_train_state
+from .checkpoint import load_train_state, save_train_state, saved_train_config
 
 
 @dataclass
@@ -86,34 +88,81 @@ def dropout_generators(model: Module) -> list:
     return gens
 
 
+def _check_optimizer(optimizer, named: list) -> None:
+    """A caller's optimizer must update exactly the trainable parameters, no more, no fewer."""
+    given = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in named if id(p) not in given]
+    extra = len(given - {id(p) for _, p in named})
+    if missing or extra:
+        raise ValueError(f"optimizer must cover exactly the parameters that require grad: "
+                         f"missing {missing}, {extra} other tensor(s) in its groups")
+
+
+def _check_resume(checkpoint_dir, config: TrainConfig, override_config: bool, end: int) -> None:
+    """Refuse, before anything loads, to resume under another config or to rewind a run."""
+    step, saved = saved_train_config(checkpoint_dir)
+    current = asdict(config)
+    changed = [f"{f.name}: saved {saved.get(f.name)!r}, now {current[f.name]!r}"
+               for f in fields(config) if saved.get(f.name) != current[f.name]]
+    if changed and not override_config:
+        raise ValueError(f"the run in {checkpoint_dir} was saved with another training config "
+                         f"({'; '.join(changed)}); pass the same config, or "
+                         "override_config=True to continue under the new one")
+    if step > end:
+        raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {step}, past the "
+                         f"requested end {end}; resuming would rewrite it as an earlier step "
+                         "(raise steps/stop_at, or use another checkpoint_dir)")
+
+
 def train(model: Module, batch_fn, config: TrainConfig, *, loss_fn=default_loss, eval_fn=None,
-          checkpoint_dir=None, resume: bool = False, stop_at: int | None = None,
-          progress: bool = True, label: str = "train") -> list:
+          checkpoint_dir=None, resume: bool = False, override_config: bool = False,
+          stop_at: int | None = None, optimizer=None, progress: bool = True,
+          label: str = "train") -> list:
     """Train the parameters of ``model`` that require grad; return the per-step history.
 
     batch_fn(rng) -> batch; loss_fn(model, batch) -> scalar loss Tensor;
     eval_fn(model) -> dict of metrics, run every ``config.eval_every`` steps and at the end.
     checkpoint_dir: where the final state is saved (and read from, with ``resume=True``).
+    resume: continue the run saved there; it must have been saved with the same ``config``
+    (a difference is refused, naming the fields) unless ``override_config=True``.
     stop_at: stop after this step (the schedule still spans ``config.steps``), e.g. to resume later.
+    optimizer: one built by the caller over exactly the trainable parameters (e.g. LoRA+'s
+    groups with their own learning rates); default AdamW(lr=config.lr) with weight decay on
+    matrices only. The schedule scales every group's own starting lr by
+    ``schedule(step) / config.lr``, so the ratios between groups stay fixed.
     History records: step, loss, lr, grad_norm, ms (forward+backward+update), and eval metrics.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("no parameter requires grad: nothing to train")
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
+        _check_resume(checkpoint_dir, config, override_config, end)
     trainable = [p for _, p in named]
-    optimizer = AdamW(param_groups_for_weight_decay(named, config.weight_decay), lr=config.lr)
+    if optimizer is None:
+        optimizer = AdamW(param_groups_for_weight_decay(named, config.weight_decay), lr=config.lr)
+    else:
+        _check_optimizer(optimizer, named)
+    # Each group's own settings, read before a checkpoint's overwrite them: the schedule scales
+    # these lrs, and override_config keeps these settings rather than the saved ones.
+    own_settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    peak_lrs = [settings["lr"] for settings in own_settings]
     data_rng = np.random.default_rng(config.seed)
     min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     history, start = [], 0
     if resume:
         start, history = load_train_state(checkpoint_dir, model, optimizer, data_rng,
                                           dropout_generators(model))
-    end = config.steps if stop_at is None else min(stop_at, config.steps)
+        if override_config:
+            for group, settings in zip(optimizer.param_groups, own_settings):
+                group.update(settings)
     bar = Progress(end, label, enabled=progress)
     model.train()
     for step in range(start, end):
         lr = cosine_schedule(step, config.steps, config.lr, config.warmup_steps, min_lr)
-        set_lr(optimizer, lr)
+        set_lr(optimizer, [lr * (peak / config.lr) for peak in peak_lrs])  # ratio 1.0: exactly lr
         batch = batch_fn(data_rng)
         t0 = time.perf_counter()
         loss = loss_fn(model, batch)
@@ -136,19 +185,18 @@ def train(model: Module, batch_fn, config: TrainConfig, *, loss_fn=default_loss,
             model.train()
         history.append(record)
         bar.update(step + 1, f"loss {loss_value:.4f}")
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and (end > start or not resume):  # nothing new: files stay
         save_train_state(checkpoint_dir, model, optimizer, data_rng, dropout_generators(model),
                          end, history, asdict(config))
     return history
 
 
 def save_history_csv(history: list, path) -> Path:
-    """One row per step; eval columns are empty on steps without an evaluation."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One row per step; eval columns are empty on steps without an evaluation. Written
+    atomically: a crash leaves the previous file, never a torn one."""
     columns = list(dict.fromkeys(k for record in history for k in record))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    return atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
