@@ -123,6 +123,12 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, weight=None
     n_classes = logits.shape[-1]
     z = logits.data.reshape(-1, n_classes)
     t = _data(targets).reshape(-1)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {t.dtype} "
+                        "(cast them with .astype(np.int64); soft labels are not supported)")
+    if weight is not None and tuple(_data(weight).shape) != (n_classes,):
+        raise ValueError(f"cross_entropy: weight has shape {tuple(_data(weight).shape)}, but there "
+                         f"are {n_classes} classes: give one weight per class, shape ({n_classes},)")
     if t.shape[0] != z.shape[0]:
         raise ValueError(f"cross_entropy: logits {logits.shape} need targets of shape "
                          f"{logits.shape[:-1]}, got {_data(targets).shape}")
@@ -135,7 +141,12 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, weight=None
     w = counted.astype(z.dtype)
     if weight is not None:
         w = w * _data(weight).astype(z.dtype)[safe_t]
-    total = w.sum()  # PyTorch's convention: all targets ignored gives 0/0 = nan
+    total = w.sum()
+    if not bool(total > 0):  # PyTorch returns 0/0 = nan here; a training loop would call it divergence
+        why = (f"every target equals ignore_index={ignore_index}" if not bool(counted.any())
+               else "every counted target has class weight 0")
+        raise ValueError(f"cross_entropy: {why}, so there is nothing to average (the loss would be "
+                         "0/0): check how the batch's targets were masked")
     logp = _log_softmax_array(z, axis=-1)
     rows = backend.xp.arange(z.shape[0])
     loss = -(w * logp[rows, safe_t]).sum() / total
@@ -155,6 +166,10 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     x (..., D), weight and bias (D,). ``y = (x - μ) / sqrt(σ² + eps) · weight + bias``.
     """
     d = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != (d,):
+            raise ValueError(f"layer_norm: {name} has shape {p.shape}, but x {x.shape} needs ({d},) "
+                             "(one entry per feature of the last axis)")
     xhat = x.data - x.data.mean(axis=-1, keepdims=True)      # x - μ, normalised in place below
     var = backend.xp.einsum("...i,...i->...", xhat, xhat)[..., None] / d  # one pass, no x² temporary
     rstd = 1.0 / backend.xp.sqrt(var + eps)

@@ -110,9 +110,23 @@ class Tensor:
             return other
         if getattr(other, "ndim", 0) > 0:
             return Tensor(other)
+        if self.data.dtype.kind != "f" and isinstance(other, (float, np.floating)):
+            return Tensor(other)  # int tensor · 2.5: the number must not be truncated to 2
         # A plain number takes the tensor's dtype (PyTorch's rule), so `x * np.sqrt(2)`
         # keeps float32 instead of silently promoting to float64.
         return Tensor(backend.xp.asarray(other, dtype=self.data.dtype))
+
+    def _operands(self, other) -> tuple:
+        """(self, other) as tensors of one dtype family, by PyTorch's rule: a float tensor
+        combined with an integer or bool one keeps the float dtype (NumPy would give float64
+        for float32 + int64). The integer side never requires grad, so casting it is free."""
+        a, b = self, self._lift(other)
+        a_float, b_float = a.data.dtype.kind == "f", b.data.dtype.kind == "f"
+        if a_float and not b_float:
+            b = Tensor(b.data.astype(a.data.dtype))
+        elif b_float and not a_float:
+            a = Tensor(a.data.astype(b.data.dtype))
+        return a, b
 
     @staticmethod
     def _result(data, parents, backward, op) -> "Tensor":
@@ -149,7 +163,7 @@ class Tensor:
 
     # ---- arithmetic -------------------------------------------------------------------
     def __add__(self, other):
-        a, b = self, self._lift(other)
+        a, b = self._operands(other)
 
         def backward(g):  # d(a+b)/da = 1, d(a+b)/db = 1
             return (unbroadcast(g, a.shape) if a.requires_grad else None,
@@ -157,7 +171,7 @@ class Tensor:
         return Tensor._result(a.data + b.data, (a, b), backward, "add")
 
     def __sub__(self, other):
-        a, b = self, self._lift(other)
+        a, b = self._operands(other)
 
         def backward(g):  # d(a-b)/da = 1, d(a-b)/db = -1
             return (unbroadcast(g, a.shape) if a.requires_grad else None,
@@ -165,7 +179,7 @@ class Tensor:
         return Tensor._result(a.data - b.data, (a, b), backward, "sub")
 
     def __mul__(self, other):
-        a, b = self, self._lift(other)
+        a, b = self._operands(other)
 
         def backward(g):  # d(ab)/da = b, d(ab)/db = a
             return (unbroadcast(g * b.data, a.shape) if a.requires_grad else None,
@@ -173,7 +187,9 @@ class Tensor:
         return Tensor._result(a.data * b.data, (a, b), backward, "mul")
 
     def __truediv__(self, other):
-        a, b = self, self._lift(other)
+        a, b = self._operands(other)
+        if a.data.dtype.kind != "f":  # int / int is a float tensor (default dtype), as in PyTorch
+            a, b = Tensor(a.data, dtype=backend.DEFAULT_DTYPE), Tensor(b.data, dtype=backend.DEFAULT_DTYPE)
 
         def backward(g):  # d(a/b)/da = 1/b, d(a/b)/db = -a/b²
             return (unbroadcast(g / b.data, a.shape) if a.requires_grad else None,
@@ -207,10 +223,10 @@ class Tensor:
     __rmul__ = __mul__
 
     def __matmul__(self, other):
-        return matmul(self, self._lift(other))
+        return matmul(*self._operands(other))
 
     def __rmatmul__(self, other):
-        return matmul(self._lift(other), self)
+        return matmul(*self._operands(other)[::-1])
 
     # ---- elementwise functions --------------------------------------------------------
     def exp(self):
@@ -389,7 +405,7 @@ def where(condition, a, b) -> Tensor:
     """Elementwise ``a`` where ``condition`` is True, else ``b``."""
     condition = condition.data if isinstance(condition, Tensor) else backend.asarray(condition)
     a = a if isinstance(a, Tensor) else Tensor(a)
-    b = a._lift(b)
+    a, b = a._operands(b)
 
     def backward(g):  # the gradient follows whichever operand was picked
         return (unbroadcast(backend.xp.where(condition, g, 0), a.shape) if a.requires_grad else None,

@@ -102,6 +102,9 @@ def _as_ids(idx):
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"token ids must be an integer array of shape (batch, time), "
                          f"got shape {ids.shape} and dtype {ids.dtype}")
+    if ids.size == 0:
+        raise ValueError(f"token ids of shape {ids.shape} are empty: give at least one row of at "
+                         "least one token (a prompt of one token, e.g. a newline, for generate)")
     return ids
 
 
@@ -167,6 +170,8 @@ class GPT(Module):
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k > 0):
+            raise ValueError(f"top_k must be a positive integer or None (no limit), got {top_k!r}")
         if temperature > 0 and rng is None:
             raise ValueError("sampling needs rng=np.random.default_rng(seed); or pass temperature=0 for greedy")
         ids = _as_ids(idx)
@@ -190,6 +195,19 @@ class GPT(Module):
         return ids
 
 
+def _check_lengths(lengths, b: int, t: int):
+    """``lengths`` (b,) integers in [1, t]: 0 or past the row would read the wrong position."""
+    lengths = backend.asarray(lengths)
+    if lengths.shape != (b,) or lengths.dtype.kind not in "iu":
+        raise ValueError(f"lengths must be {b} integers (one per row), got shape {lengths.shape} "
+                         f"and dtype {lengths.dtype}")
+    bad = backend.to_numpy(lengths[(lengths < 1) | (lengths > t)])
+    if bad.size:
+        raise ValueError(f"lengths must lie in [1, {t}] (each row's count of real tokens, at most "
+                         f"the sequence length), got {bad[:5].tolist()}")
+    return lengths
+
+
 class GPTForSequenceClassification(Module):
     """A GPT body with a ``score`` head (n_embd -> num_labels) read at the last real token.
 
@@ -208,9 +226,10 @@ class GPTForSequenceClassification(Module):
 
     def forward(self, idx, lengths=None, labels=None, class_weight=None):
         """idx (B, T), lengths (B,) real tokens per row (default: all T) -> (logits (B, C), loss)."""
-        h = self.transformer.hidden_states(idx)
-        b, t, _ = h.shape
-        last = backend.xp.full(b, t - 1) if lengths is None else backend.asarray(lengths) - 1
+        ids = _as_ids(idx)
+        b, t = ids.shape
+        last = backend.xp.full(b, t - 1) if lengths is None else _check_lengths(lengths, b, t) - 1
+        h = self.transformer.hidden_states(ids)
         logits = self.score(h[backend.xp.arange(b), last])
         loss = None if labels is None else F.cross_entropy(logits, labels, weight=class_weight)
         return logits, loss

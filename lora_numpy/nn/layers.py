@@ -10,6 +10,13 @@ from .. import functional as F
 from .module import Module, Parameter
 
 
+def _check_sizes(layer: str, **sizes) -> None:
+    """Every size a positive integer, named in the error (a 0 would build an empty weight)."""
+    for name, n in sizes.items():
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{layer}: {name} must be a positive integer, got {n!r}")
+
+
 def _uniform(rng, bound: float, shape):
     return backend.asarray(rng.uniform(-bound, bound, size=shape).astype(backend.DEFAULT_DTYPE))
 
@@ -23,6 +30,7 @@ class Linear(Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rng=None):
+        _check_sizes("Linear", in_features=in_features, out_features=out_features)
         rng = rng if rng is not None else np.random.default_rng()
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
@@ -40,6 +48,7 @@ class Embedding(Module):
     """A lookup table ``weight`` (num_embeddings, embedding_dim); init ``N(0, 1)`` as PyTorch."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rng=None):
+        _check_sizes("Embedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         rng = rng if rng is not None else np.random.default_rng()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = Parameter(backend.asarray(
@@ -56,6 +65,9 @@ class LayerNorm(Module):
     """Normalise the last axis; ``weight`` starts at 1 and ``bias`` at 0; eps 1e-5."""
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True):
+        _check_sizes("LayerNorm", normalized_shape=normalized_shape)
+        if not eps > 0:
+            raise ValueError(f"LayerNorm: eps must be > 0 (it keeps 1/√(σ²+eps) finite), got {eps}")
         self.normalized_shape, self.eps = normalized_shape, eps
         self.weight = Parameter(backend.xp.ones(normalized_shape, dtype=backend.DEFAULT_DTYPE))
         self.bias = Parameter(backend.xp.zeros(normalized_shape, dtype=backend.DEFAULT_DTYPE)) if bias else None

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..io import load_arrays, load_json, save_arrays, save_json
+from ..io import atomic_directory, load_arrays, load_json, recover_directory, save_arrays, save_json
 from ..nn import Linear, Module, Parameter
 from .config import LoraConfig, pissa_niter
 from .layer import LoraLinear, check_rank
@@ -188,10 +188,10 @@ class PeftModel(Module):
             rank = config.r + self.lora_layers()[0][1].initial_A.shape[0]
             alpha = config.scaling * (math.sqrt(rank) if config.use_rslora else rank)
             config = replace(config, r=rank, lora_alpha=alpha, init_lora_weights=True)
-        directory = Path(directory)
-        save_arrays(directory / "adapter_model.npz", arrays)
-        save_json(directory / "adapter_config.json", config.to_dict())
-        return directory
+        with atomic_directory(directory, marker="adapter_config.json") as tmp:  # one unit
+            save_arrays(tmp / "adapter_model.npz", arrays)
+            save_json(tmp / "adapter_config.json", config.to_dict())
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, base_model: Module, directory, seed: int = 0) -> "PeftModel":
@@ -199,7 +199,7 @@ class PeftModel(Module):
         base model before it is touched, so a mismatched adapter leaves it as it was.
         A PiSSA adapter saved unconverted re-runs the PiSSA initialisation first, as PEFT does:
         the base weights become W_res again, which is what the adapter was trained on."""
-        directory = Path(directory)
+        directory = recover_directory(directory)  # finish a swap a crash interrupted
         config = LoraConfig.from_dict(load_json(directory / "adapter_config.json"))
         arrays = load_arrays(directory / "adapter_model.npz")
         # What this config makes trainable on this model, found by wrapping a throwaway copy
