@@ -221,6 +221,34 @@ def test_default_dtype_is_float32_and_numbers_do_not_promote():
     assert x.grad.dtype == np.float32
 
 
+@pytest.mark.parametrize("other", [np.arange(1, 4), Tensor(np.arange(1, 4)), np.int64(2), 2,
+                                   np.array([True, False, True])], ids=["array", "tensor", "np-int", "int", "bool"])
+@pytest.mark.parametrize("op", ["add", "radd", "sub", "rsub", "mul", "rmul", "div", "rdiv", "matmul", "where"])
+def test_float32_with_integers_stays_float32_gradients_included(op, other):
+    """PyTorch's promotion rule: a float32 tensor combined with an integer (or bool) array,
+    tensor or number is float32, and so is the gradient (NumPy alone would give float64)."""
+    x = Tensor(np.array([0.5, 1.5, 2.5], np.float32), requires_grad=True)
+    fns = {"add": lambda a, b: a + b, "radd": lambda a, b: b + a, "sub": lambda a, b: a - b,
+           "rsub": lambda a, b: b - a, "mul": lambda a, b: a * b, "rmul": lambda a, b: b * a,
+           "div": lambda a, b: a / (b + 1), "rdiv": lambda a, b: (b + 1) / a,
+           "matmul": lambda a, b: a.reshape(1, 3) @ (b + Tensor(np.zeros((3, 1), np.int64))),
+           "where": lambda a, b: where(np.array([True, False, True]), a, b)}
+    y = fns[op](x, other)
+    assert y.dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32
+
+
+def test_integer_tensors_divide_to_float32_and_keep_float_numbers():
+    """int / int is a float32 tensor (true division, as torch), and an int tensor times 2.5 is
+    not truncated to 2; int + int stays an integer."""
+    i, j = Tensor(np.array([1, 2, 3])), Tensor(np.array([2, 4, 4]))
+    assert (i / j).dtype == np.float32
+    np.testing.assert_array_equal((i / j).data, np.array([0.5, 0.5, 0.75], np.float32))
+    np.testing.assert_array_equal((i * 2.5).data, np.array([2.5, 5.0, 7.5], np.float32))
+    assert (i + j).dtype.kind == "i" and (i * 2).dtype.kind == "i"
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"\(2, 3\) @ \(4, 5\)"):
         Tensor(np.ones((2, 3))) @ Tensor(np.ones((4, 5)))

@@ -14,7 +14,7 @@ from lora_numpy.data import ArithmeticTask, SumClassificationTask
 from lora_numpy.evaluate import classification_metrics, exact_match_accuracy
 from lora_numpy.models import GPT, GPTConfig, GPTForSequenceClassification
 from lora_numpy.nn import Linear, Module
-from lora_numpy.optim import cosine_schedule
+from lora_numpy.optim import SGD, AdamW, cosine_schedule, param_groups_for_weight_decay, set_lr
 from lora_numpy.train import TrainConfig, TrainingDiverged, save_history_csv, train
 
 TINY = dict(vocab_size=15, block_size=16, n_layer=2, n_head=2, n_embd=16)
@@ -149,6 +149,88 @@ def test_resume_without_restoring_dropout_state_would_differ(tmp_path):
     model.dropout_rng.random(10)  # move the dropout generator on
     b = train(model, lm_batch, tc, progress=False)
     assert [r["loss"] for r in a] != [r["loss"] for r in b]
+
+
+def test_resume_refuses_a_changed_config_unless_overridden(tmp_path):
+    """A resumed run under another config is refused, naming each changed field; with
+    override_config=True it continues from the saved step under the new config (here: a longer
+    run and no weight decay), and the optimizer uses the new settings, not the saved ones."""
+    tc = TrainConfig(steps=4, batch_size=8, lr=1e-2, warmup_steps=1, weight_decay=0.1)
+    train(Regression(), regression_batch, tc, checkpoint_dir=tmp_path, progress=False)
+    longer = TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_steps=1, weight_decay=0.0)
+    with pytest.raises(ValueError, match=r"steps: saved 4, now 6; weight_decay: saved 0.1, now 0.0"):
+        train(Regression(), regression_batch, longer, checkpoint_dir=tmp_path, resume=True,
+              progress=False)
+    seen = []
+
+    def loss_recording_weight_decay(model, batch):
+        seen.append([g["weight_decay"] for g in optimizer.param_groups])
+        return model(*batch)[1]
+    model = Regression()
+    optimizer = AdamW(param_groups_for_weight_decay(model.named_parameters(), 0.0), lr=1e-2)
+    history = train(model, regression_batch, longer, loss_fn=loss_recording_weight_decay,
+                    checkpoint_dir=tmp_path, resume=True, override_config=True,
+                    optimizer=optimizer, progress=False)
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert seen == [[0.0, 0.0], [0.0, 0.0]]  # steps 5, 6: the new settings (saved: [0.1, 0.0])
+
+
+def test_resume_at_the_end_changes_nothing_and_past_it_is_refused(tmp_path):
+    """Resuming a finished run returns its history and leaves its files byte for byte; asking
+    to stop before the saved step is refused rather than saving the run as an earlier step."""
+    tc = TrainConfig(steps=3, batch_size=8, lr=1e-2, warmup_steps=0)
+    history = train(Regression(), regression_batch, tc, checkpoint_dir=tmp_path, progress=False)
+    saved = file_bytes(tmp_path)
+    again = train(Regression(), regression_batch, tc, checkpoint_dir=tmp_path, resume=True,
+                  progress=False)
+    assert again == history and file_bytes(tmp_path) == saved
+    with pytest.raises(ValueError, match="at step 3, past the requested end 2"):
+        train(Regression(), regression_batch, tc, checkpoint_dir=tmp_path, resume=True,
+              stop_at=2, progress=False)
+    assert file_bytes(tmp_path) == saved
+
+
+def lora_plus_like(model):
+    """Two groups at different rates, as LoRA+ builds them (B at 16x A's rate)."""
+    return SGD([{"params": [model.lin.weight], "lr": 0.01},
+                {"params": [model.lin.bias], "lr": 0.16}], lr=0.01)
+
+
+def test_a_callers_optimizer_keeps_its_group_ratios_under_the_schedule(tmp_path):
+    """With optimizer=, the schedule scales each group's own lr: the ratio 16 holds at every
+    step, the group at config.lr gets exactly the scheduled lr, and a resumed run (its own
+    optimizer rebuilt by the caller) equals an uninterrupted one."""
+    tc = TrainConfig(steps=6, batch_size=8, lr=0.01, warmup_steps=2)
+    lrs = []
+
+    def run(model, optimizer, **kwargs):
+        def loss_fn(m, batch):
+            lrs.append([g["lr"] for g in optimizer.param_groups])
+            return m(*batch)[1]
+        return train(model, regression_batch, tc, loss_fn=loss_fn, optimizer=optimizer,
+                     progress=False, **kwargs)
+    model = Regression()
+    history = run(model, lora_plus_like(model))
+    assert [a for a, _ in lrs] == [r["lr"] for r in history]
+    for a, b in lrs:
+        assert b == pytest.approx(16 * a, rel=1e-12)
+    split = Regression()
+    run(split, lora_plus_like(split), checkpoint_dir=tmp_path, stop_at=3)
+    resumed = Regression(seed=5)
+    run(resumed, lora_plus_like(resumed), checkpoint_dir=tmp_path, resume=True)
+    for k, v in params_of(model).items():
+        np.testing.assert_array_equal(params_of(resumed)[k], v)
+
+
+def test_set_lr_takes_one_rate_or_one_per_group():
+    model = Regression()
+    optimizer = lora_plus_like(model)
+    set_lr(optimizer, 0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.5]
+    set_lr(optimizer, [0.1, 1.6])
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 1.6]
+    with pytest.raises(ValueError, match="1 learning rates for 2"):
+        set_lr(optimizer, [0.1])
 
 
 # ---- divergence ----------------------------------------------------------------------------------

@@ -1,0 +1,282 @@
+"""Bad input is refused early with a clear error: one table, one row per bad input.
+
+A row is ``case(id, call, error, names)``: ``call(tmp_path)`` must raise ``error`` (or a
+subclass) with ``names`` (the bad value, the field or the file) in its message. The table is
+grouped by floor; other parts of the package (PEFT, config files, the CLI) add their rows as
+more lists joined into ``CASES``.
+"""
+import numpy as np
+import pytest
+
+from lora_numpy import Tensor
+from lora_numpy import functional as F
+from lora_numpy import io as lio
+from lora_numpy.checkpoint import load_model, save_model
+from lora_numpy.models import GPT, GPTConfig, GPTForSequenceClassification
+from lora_numpy.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from lora_numpy.optim import SGD, set_lr
+from lora_numpy.train import TrainConfig, train
+
+
+def case(id, call, error, names):
+    return pytest.param(call, error, names, id=id)
+
+
+TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+
+
+def f32(*shape):
+    return Tensor(np.ones(shape, np.float32), requires_grad=True)
+
+
+def gpt():
+    return GPT(TINY, seed=0)
+
+
+def classifier():
+    return GPTForSequenceClassification(TINY, num_labels=3, seed=0)
+
+
+IDS = np.ones((2, 5), dtype=np.int64)
+
+# ---- engine: tensors, functional ops, layers ---------------------------------------------------
+ENGINE = [
+    case("tensor/int-requires-grad", lambda _: Tensor(np.arange(3), requires_grad=True), TypeError, "int64"),
+    case("tensor/tensor-exponent", lambda _: f32(2) ** f32(2), TypeError, "Tensor"),
+    case("tensor/matmul-shapes", lambda _: f32(2, 3) @ f32(4, 2), ValueError, "(2, 3) @ (4, 2)"),
+    case("tensor/backward-non-scalar", lambda _: (f32(3) * 2).backward(), RuntimeError, "(3,)"),
+    case("tensor/backward-grad-shape", lambda _: (f32(3) * 2).backward(np.ones(2)), ValueError, "(2,)"),
+    case("tensor/backward-without-grad", lambda _: Tensor(1.0).backward(), RuntimeError,
+         "does not require grad"),
+    case("cross_entropy/float-targets", lambda _: F.cross_entropy(f32(2, 4), np.array([0.0, 1.0], np.float32)),
+         TypeError, "float32"),
+    case("cross_entropy/weight-length", lambda _: F.cross_entropy(f32(2, 4), np.array([0, 1]), weight=np.ones(3)),
+         ValueError, "shape (3,)"),
+    case("cross_entropy/target-out-of-range", lambda _: F.cross_entropy(f32(2, 4), np.array([0, 7])),
+         ValueError, "[7]"),
+    case("cross_entropy/all-ignored", lambda _: F.cross_entropy(f32(2, 4), np.array([-100, -100])),
+         ValueError, "ignore_index=-100"),
+    case("cross_entropy/all-weights-zero",
+         lambda _: F.cross_entropy(f32(2, 4), np.array([1, 1]), weight=np.array([1.0, 0, 1, 1])),
+         ValueError, "class weight 0"),
+    case("cross_entropy/targets-shape", lambda _: F.cross_entropy(f32(2, 4), np.array([0, 1, 2])),
+         ValueError, "(3,)"),
+    case("layer_norm/weight-shape", lambda _: F.layer_norm(f32(2, 4), f32(3)), ValueError,
+         "weight has shape (3,)"),
+    case("layer_norm/bias-shape", lambda _: F.layer_norm(f32(2, 4), f32(4), f32(5)), ValueError,
+         "bias has shape (5,)"),
+    case("linear/features", lambda _: F.linear(f32(2, 5), f32(3, 4)), ValueError, "5 features"),
+    case("embedding/float-ids", lambda _: F.embedding(np.array([0.0, 1.0]), f32(5, 2)), TypeError, "float64"),
+    case("embedding/id-out-of-range", lambda _: F.embedding(np.array([0, 9]), f32(5, 2)), IndexError, "9"),
+    case("dropout/p-one", lambda _: F.dropout(f32(3), 1.0, True, np.random.default_rng(0)), ValueError, "got 1.0"),
+    case("attention/shapes", lambda _: F.scaled_dot_product_attention(f32(1, 3, 4), f32(1, 3, 5), f32(1, 3, 4)),
+         ValueError, "(1, 3, 5)"),
+    case("nn/Linear-zero-features", lambda _: Linear(0, 4), ValueError, "in_features must be a positive integer, got 0"),
+    case("nn/Embedding-negative-dim", lambda _: Embedding(5, -1), ValueError, "embedding_dim"),
+    case("nn/LayerNorm-eps-zero", lambda _: LayerNorm(4, eps=0.0), ValueError, "eps"),
+    case("nn/Dropout-p", lambda _: Dropout(1.5), ValueError, "1.5"),
+    case("nn/load_state_dict-shape", lambda _: Linear(3, 2).load_state_dict(
+        {"weight": np.zeros((2, 4), np.float32), "bias": np.zeros(2, np.float32)}), RuntimeError, "(2, 4)"),
+    case("nn/ModuleList-index", lambda _: ModuleList([Linear(2, 2)])[5], IndexError, "index 5"),
+]
+
+# ---- models -------------------------------------------------------------------------------------
+MODEL = [
+    case("GPTConfig/heads", lambda _: GPTConfig(n_embd=10, n_head=4), ValueError, "n_embd=10"),
+    case("GPTConfig/dropout", lambda _: GPTConfig(dropout=1.0), ValueError, "1.0"),
+    case("GPT/empty-sequence", lambda _: gpt()(np.zeros((2, 0), np.int64)), ValueError, "(2, 0)"),
+    case("GPT/float-ids", lambda _: gpt()(np.zeros((2, 3))), ValueError, "float64"),
+    case("GPT/too-long", lambda _: gpt()(np.zeros((1, 20), np.int64)), ValueError, "sequence length 20"),
+    case("generate/top_k-zero", lambda _: gpt().generate(IDS, 2, top_k=0, rng=np.random.default_rng(0)),
+         ValueError, "got 0"),
+    case("generate/top_k-negative", lambda _: gpt().generate(IDS, 2, top_k=-3, rng=np.random.default_rng(0)),
+         ValueError, "-3"),
+    case("generate/temperature", lambda _: gpt().generate(IDS, 2, temperature=-1.0), ValueError, "-1.0"),
+    case("generate/no-rng", lambda _: gpt().generate(IDS, 2), ValueError, "rng="),
+    case("generate/empty-prompt", lambda _: gpt().generate(np.zeros((1, 0), np.int64), 2, temperature=0),
+         ValueError, "(1, 0)"),
+    case("classifier/length-zero", lambda _: classifier()(IDS, np.array([0, 5])), ValueError, "[0]"),
+    case("classifier/length-past-sequence", lambda _: classifier()(IDS, np.array([3, 9])), ValueError, "[9]"),
+    case("classifier/lengths-count", lambda _: classifier()(IDS, np.array([3])), ValueError, "2 integers"),
+    case("classifier/float-lengths", lambda _: classifier()(IDS, np.array([3.0, 2.0])), ValueError, "float64"),
+]
+
+
+# ---- files: io ----------------------------------------------------------------------------------
+def truncated_npz(tmp):
+    lio.save_arrays(tmp / "trunc.npz", {"w": np.arange(100.0)})
+    data = (tmp / "trunc.npz").read_bytes()
+    (tmp / "trunc.npz").write_bytes(data[: len(data) // 2])
+    return lio.load_arrays(tmp / "trunc.npz")
+
+
+def text_as_npz(tmp):
+    (tmp / "notes.npz").write_text("not an archive")
+    return lio.load_arrays(tmp / "notes.npz")
+
+
+def npy_as_npz(tmp):
+    np.save(tmp / "single.npy", np.ones(3))
+    return lio.load_arrays(tmp / "single.npy")
+
+
+def nan_npz(tmp):
+    np.savez(tmp / "nan.npz", w=np.array([1.0, np.nan]))
+    return lio.load_arrays(tmp / "nan.npz")
+
+
+def bad_json(tmp):
+    (tmp / "bad.json").write_text('{"r": 4,')
+    return lio.load_json(tmp / "bad.json")
+
+
+def folder_over_a_file(tmp):
+    (tmp / "taken").write_text("a file")
+    with lio.atomic_directory(tmp / "taken"):
+        pass
+
+
+IO = [
+    case("load_arrays/truncated", truncated_npz, ValueError, "trunc.npz is not a valid .npz"),
+    case("load_arrays/foreign", text_as_npz, ValueError, "notes.npz is not a valid .npz"),
+    case("load_arrays/npy", npy_as_npz, ValueError, "single array"),
+    case("load_arrays/nan", nan_npz, ValueError, "array 'w' in"),
+    case("load_arrays/missing", lambda tmp: lio.load_arrays(tmp / "missing.npz"), FileNotFoundError, "missing.npz"),
+    case("save_arrays/object-dtype", lambda tmp: lio.save_arrays(tmp / "o.npz", {"obj": np.array([{}, 1], dtype=object)}),
+         TypeError, "'obj'"),
+    case("load_json/invalid", bad_json, ValueError, "bad.json is not valid JSON"),
+    case("atomic_directory/over-a-file", folder_over_a_file, NotADirectoryError, "taken"),
+]
+
+
+# ---- files: checkpoints -------------------------------------------------------------------------
+def save_nan_model(tmp):
+    model = gpt()
+    model.blocks[0].mlp.fc1.weight.data[0, 0] = np.nan
+    save_model(tmp / "ckpt", model)
+
+
+def save_over_user_files(tmp):
+    (tmp / "mine.txt").write_text("keep me")
+    save_model(tmp, gpt())
+
+
+def saved_then(edit):
+    """Save a good checkpoint, damage it with ``edit(folder)``, then load it."""
+    def call(tmp):
+        save_model(tmp / "ckpt", gpt())
+        edit(tmp / "ckpt")
+        return load_model(tmp / "ckpt")
+    return call
+
+
+def nan_in_model_npz(folder):
+    arrays = lio.load_arrays(folder / "model.npz")
+    arrays["wte.weight"][0, 0] = np.inf
+    np.savez(folder / "model.npz", **arrays)
+
+
+def truncate_model_npz(folder):
+    data = (folder / "model.npz").read_bytes()
+    (folder / "model.npz").write_bytes(data[:1000])
+
+
+def wider_config(folder):
+    meta = lio.load_json(folder / "config.json")
+    meta["config"]["n_embd"] = 16
+    lio.save_json(folder / "config.json", meta)
+
+
+def unknown_model(folder):
+    lio.save_json(folder / "config.json", {**lio.load_json(folder / "config.json"), "model": "BERT"})
+
+
+CHECKPOINT = [
+    case("save_model/nan", save_nan_model, ValueError, "blocks.0.mlp.fc1.weight"),
+    case("save_model/not-a-gpt", lambda tmp: save_model(tmp / "m", Linear(2, 2)), TypeError, "Linear"),
+    case("save_model/over-user-files", save_over_user_files, FileExistsError, "holds no config.json"),
+    case("load_model/missing", lambda tmp: load_model(tmp / "nothing"), FileNotFoundError, "nothing"),
+    case("load_model/inf-array", saved_then(nan_in_model_npz), ValueError, "'wte.weight'"),
+    case("load_model/truncated", saved_then(truncate_model_npz), ValueError, "model.npz is not a valid .npz"),
+    case("load_model/shapes-vs-config", saved_then(wider_config), RuntimeError, "shape mismatch"),
+    case("load_model/unknown-model", saved_then(unknown_model), ValueError, "'BERT'"),
+]
+
+
+# ---- training -----------------------------------------------------------------------------------
+class Regression(Module):
+    def __init__(self):
+        self.lin = Linear(3, 2, rng=np.random.default_rng(0))
+
+    def forward(self, x, y):
+        out = self.lin(Tensor(x))
+        return out, ((out - Tensor(y)) ** 2).mean()
+
+
+def batch(rng):
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    return x, x[:, :2]
+
+
+QUICK = TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=0)
+
+
+def frozen_model(_):
+    model = Regression()
+    model.requires_grad_(False)
+    train(model, batch, QUICK, progress=False)
+
+
+def resume_with(config, stop_at=None):
+    """Save a 2-step run, then resume it under ``config`` (and ``stop_at``)."""
+    def call(tmp):
+        train(Regression(), batch, QUICK, checkpoint_dir=tmp / "run", progress=False)
+        train(Regression(), batch, config, checkpoint_dir=tmp / "run", resume=True,
+              stop_at=stop_at, progress=False)
+    return call
+
+
+def optimizer_missing_bias(_):
+    model = Regression()
+    train(model, batch, QUICK, optimizer=SGD([model.lin.weight], lr=0.1), progress=False)
+
+
+def all_ignored_batch(_):
+    model = GPT(TINY, seed=0)
+    train(model, lambda rng: (IDS, np.full((2, 5), -100)), QUICK, progress=False)
+
+
+TRAIN = [
+    case("TrainConfig/steps", lambda _: TrainConfig(steps=0), ValueError, "0"),
+    case("TrainConfig/lr", lambda _: TrainConfig(lr=0.0), ValueError, "lr must be > 0, got 0.0"),
+    case("TrainConfig/warmup", lambda _: TrainConfig(steps=5, warmup_steps=9), ValueError, "got 9"),
+    case("train/nothing-trainable", frozen_model, ValueError, "no parameter requires grad"),
+    case("train/resume-without-folder", lambda _: train(Regression(), batch, QUICK, resume=True, progress=False),
+         ValueError, "checkpoint_dir"),
+    case("train/resume-empty-folder", lambda tmp: train(Regression(), batch, QUICK, checkpoint_dir=tmp,
+                                                        resume=True, progress=False),
+         FileNotFoundError, "train_state.json"),
+    case("train/resume-changed-config", resume_with(TrainConfig(steps=2, batch_size=4, lr=2e-2, warmup_steps=0)),
+         ValueError, "lr: saved 0.01, now 0.02"),
+    case("train/resume-past-end", resume_with(QUICK, stop_at=1), ValueError, "step 2, past the requested end 1"),
+    case("train/optimizer-misses-a-parameter", optimizer_missing_bias, ValueError, "missing ['lin.bias']"),
+    case("train/all-ignored-batch", all_ignored_batch, ValueError, "every target equals ignore_index"),
+    case("set_lr/count", lambda _: set_lr(SGD([{"params": [f32(2)]}, {"params": [f32(2)]}], lr=1.0), [1.0] * 3),
+         ValueError, "3 learning rates for 2"),
+]
+
+CASES = ENGINE + MODEL + IO + CHECKPOINT + TRAIN
+
+
+@pytest.mark.parametrize("call, error, names", CASES)
+def test_bad_input_is_refused_naming_it(call, error, names, tmp_path):
+    with pytest.raises(error) as info:
+        call(tmp_path)
+    message = str(info.value)
+    assert names in message, f"the message does not name {names!r}: {message}"
+    assert "allow_pickle" not in message  # NumPy's advice to unpickle is never passed on
+
+
+def test_the_table_is_large_and_its_ids_unique():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 40
