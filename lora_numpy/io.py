@@ -10,6 +10,10 @@ Two rules make every save all-or-nothing, whatever the moment of a crash (``kill
   folder, then swapped in for the old folder (:func:`atomic_directory`). Two renames do the swap;
   a crash between them leaves the old folder parked beside the new one, and
   :func:`recover_directory` (called by every loader and by the next save) puts it back.
+
+Loading checks what saving checks: :func:`load_arrays` refuses a file that is not an ``.npz``
+(truncated, foreign) and arrays holding NaN or inf, naming the file and the array. Nothing else
+in the package opens a file for writing.
 """
 from __future__ import annotations
 

@@ -7,14 +7,17 @@ The saver is a forked child (no interpreter start-up per kill), so many kills fi
 """
 import copy
 import os
+import re
 import shutil
 import signal
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import lora_numpy
 from lora_numpy import backend
 from lora_numpy import io as lio
 from lora_numpy.checkpoint import load_model, save_model, saved_train_config
@@ -308,3 +311,15 @@ def test_history_csv_round_trips_through_the_atomic_writer(tmp_path):
     path = save_history_csv([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25, "acc": 1.0}],
                             tmp_path / "h.csv")
     assert path.read_text().splitlines() == ["step,loss,acc", "1,0.5,", "2,0.25,1.0"]
+
+
+def test_no_module_writes_a_file_except_through_io():
+    """Every write goes through io.py's atomic writers: no other module opens a file for
+    writing or writes one in place (a kill would tear it)."""
+    package = Path(lora_numpy.__file__).parent
+    direct = re.compile(r"""open\([^)]*["'][wax]b?\+?["']|\.write_(text|bytes)\(|np\.save(z|txt)?\(""")
+    offenders = [f"{path.relative_to(package)}:{n}: {line.strip()}"
+                 for path in sorted(package.rglob("*.py")) if path.name != "io.py"
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if direct.search(line)]
+    assert offenders == []
