@@ -255,3 +255,14 @@ def test_peft_on_a_quantized_model_copies_deeply(rng):
     a, b = model.blocks[0].attn.q_proj, twin.blocks[0].attn.q_proj
     assert a.packed is not b.packed
     np.testing.assert_array_equal(_np(a.packed), _np(b.packed))
+
+
+def test_merging_into_a_4bit_base_or_pissa_on_it_fails_instead_of_editing_a_temporary_copy():
+    peft = get_peft_model(quantize_linears(_gpt()), LoraConfig(r=4, target_modules="all-linear",
+                                                               init_lora_weights=False))
+    before = _np(peft.blocks[0].attn.q_proj.base_layer.packed).copy()
+    with pytest.raises((ValueError, RuntimeError)):
+        peft.merge_adapter()
+    np.testing.assert_array_equal(_np(peft.blocks[0].attn.q_proj.base_layer.packed), before)
+    with pytest.raises((ValueError, RuntimeError)):  # QPiSSA is PiSSA first, then quantize
+        get_peft_model(quantize_linears(_gpt()), LoraConfig(r=4, init_lora_weights="pissa"))
