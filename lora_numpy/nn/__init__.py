@@ -1,6 +1,9 @@
-"""Floor 4: modules. ``Module``/``Parameter`` in module.py, the layers in layers.py."""
+"""Floor 4: modules. ``Module``/``Parameter`` in module.py, the layers in layers.py, the 4-bit
+frozen layer of QLoRA in quantized.py."""
 from .layers import Dropout, Embedding, LayerNorm, Linear
 from .module import LoadResult, Module, ModuleList, Parameter
+from .quantized import Linear4bit, dequantize_linears, frozen_nbytes, matmul_4bit, quantize_linears
 
-__all__ = ["Dropout", "Embedding", "LayerNorm", "Linear", "LoadResult", "Module", "ModuleList",
-           "Parameter"]
+__all__ = ["Dropout", "Embedding", "LayerNorm", "Linear", "Linear4bit", "LoadResult", "Module",
+           "ModuleList", "Parameter", "dequantize_linears", "frozen_nbytes", "matmul_4bit",
+           "quantize_linears"]
