@@ -301,8 +301,12 @@ class PeftModel(Module):
         targets = [self.peft_config[a].target_modules for a in adapters]
         if len({type(t) for t in targets}) > 1:
             raise ValueError("all adapters' target_modules must be of one type (names, or one regex)")
-        new_targets = ("|".join(f"({t})" for t in targets) if isinstance(targets[0], str)
-                       else tuple(sorted(set().union(*targets))))
+        if all(t == targets[0] for t in targets):  # "all-linear" too, which PEFT expands to names first
+            new_targets = targets[0]
+        elif isinstance(targets[0], str):
+            new_targets = "|".join(f"({t})" for t in targets)
+        else:
+            new_targets = tuple(sorted(set().union(*targets)))
         config = replace(self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
                          target_modules=new_targets, modules_to_save=None, bias="none")
         self.add_adapter(adapter_name, config)
