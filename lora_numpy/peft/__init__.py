@@ -9,7 +9,8 @@ from .config import LoraConfig
 from .embedding import LoraEmbedding
 from .layer import LoraLinear
 from .loraplus import create_loraplus_optimizer
-from .model import PeftModel, find_targets, get_peft_model
+from .model import PeftModel, get_peft_model
+from .targets import find_targets
 from .svd import low_rank_approximation, randomized_svd, split_factors, truncate_product
 from .tuner import LoraLayer
 

@@ -9,7 +9,6 @@ own (``model(idx, adapter_names=[...])``).
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -18,108 +17,19 @@ import numpy as np
 
 from .. import backend
 from ..io import atomic_directory
-from ..nn import Embedding, Linear, Module
+from ..nn import Module
 from .config import LoraConfig, pissa_niter
-from .embedding import LoraEmbedding
-from .files import ADAPTER_CONTAINERS, from_peft_key, read_adapter, to_peft_key, write_adapter
-from .files import check_finite
-from .layer import LoraLinear
+from .files import ADAPTER_CONTAINERS, check_finite, from_peft_key, read_adapter, to_peft_key, write_adapter
+from .targets import (LAYER_FOR, check_adapter_name, extra_trainable, find_targets,
+                      planned_shapes)
 from .tuner import BASE, LoraLayer
 from .weighted import COMBINATIONS, combine_factors
-
-HEAD_NAMES = ("lm_head", "score")  # output layers that "all-linear" leaves alone, as PEFT does
-LAYER_FOR = {Linear: LoraLinear, Embedding: LoraEmbedding}
-
-
-def _matches(name: str, targets) -> bool:
-    """PEFT's rule: an entry matches a module whose full name equals it or ends with
-    ``"." + entry``; a string is a regular expression over the full name."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _outer_modules(model: Module):
-    """(name, module) for every module not inside a LoRA layer (whose base layer and factors
-    are never targets themselves)."""
-    inside = None
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside):
-            continue
-        inside = name + "." if isinstance(module, LoraLayer) else inside
-        yield name, module
-
-
-def _adaptable(model: Module) -> list:
-    """(name, module) for every Linear/Embedding that LoRA may wrap or already wraps."""
-    return [(n, m) for n, m in _outer_modules(model) if isinstance(m, LoraLayer) or type(m) in LAYER_FOR]
-
-
-def find_targets(model: Module, target_modules) -> list:
-    """(name, module) for every module ``target_modules`` selects; clear errors otherwise."""
-    adaptable = _adaptable(model)
-    names = [n for n, _ in adaptable]
-    if target_modules == "all-linear":
-        return [(n, m) for n, m in adaptable if n.rpartition(".")[2] not in HEAD_NAMES
-                and isinstance(getattr(m, "base_layer", m), Linear)]
-    by_name, chosen = dict(adaptable), []
-    for name, module in _outer_modules(model):
-        if name and _matches(name, target_modules):
-            if name not in by_name:
-                raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA here adapts "
-                                 f"Linear and Embedding layers only: {names}")
-            chosen.append((name, module))
-    if not chosen:
-        raise ValueError(f"target_modules={target_modules!r} matched no module. Linear and "
-                         f"Embedding layers in this model: {names}")
-    return chosen
-
-
-def _check_adapter_name(name) -> None:
-    if not isinstance(name, str) or not name or "." in name or name == BASE:
-        raise ValueError(f"adapter name {name!r} must be a non-empty string without '.', and not "
-                         f"{BASE!r} (which stands for the base model)")
-
-
-def _planned_shapes(model: Module, config: LoraConfig, adapter: str) -> dict:
-    """{key on disk: shape} of what ``config`` adds to ``model`` under ``adapter``: the layers'
-    own shapes, plus the biases and modules_to_save it trains. Nothing is changed."""
-    targets = find_targets(model, config.target_modules)
-    shapes = {}
-    for path, module in targets:
-        base = getattr(module, "base_layer", module)
-        for suffix, shape in LAYER_FOR[type(base)].adapter_shapes(base, config).items():
-            shapes[to_peft_key(f"{path}.{suffix.format(name=adapter)}", adapter)] = shape
-    for name, p in _extra_trainable(model, config, [n for n, _ in targets]).items():
-        shapes[to_peft_key(name, adapter)] = p.shape
-    return shapes
-
-
-def _extra_trainable(model: Module, config: LoraConfig, target_paths) -> dict:
-    """The non-LoRA parameters ``config`` trains (biases, modules_to_save), by the names they
-    have once the targets are wrapped (a target's own bias sits under ``base_layer``)."""
-    wrapped, chosen = set(target_paths), {}
-    for name, p in model.named_parameters():
-        module_path, _, leaf = name.rpartition(".")
-        parts = module_path.split(".")
-        if any(part in ADAPTER_CONTAINERS for part in parts):
-            continue
-        if module_path in wrapped:
-            module_path = f"{module_path}.base_layer"
-        full = f"{module_path}.{leaf}" if module_path else leaf
-        in_target = module_path.endswith("base_layer") and module_path[:-len(".base_layer")] in wrapped
-        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if module_path else []
-        if ((leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and in_target)))
-                or (config.modules_to_save and any(_matches(pre, config.modules_to_save) for pre in prefixes))):
-            chosen[full] = p
-    return chosen
-
 
 def _read_checked(directory, adapter_name: str, model: Module) -> tuple:
     """Config and arrays of an adapter folder, checked against ``model`` before it changes."""
     raw, arrays = read_adapter(directory)
     config = LoraConfig.from_dict(raw, f"{Path(directory) / 'adapter_config.json'}")
-    expected = _planned_shapes(model, config, adapter_name)
+    expected = planned_shapes(model, config, adapter_name)
     missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     wrong = [f"{k}: file {arrays[k].shape} vs model {expected[k]}"
              for k in expected if k in arrays and tuple(arrays[k].shape) != tuple(expected[k])]
@@ -135,8 +45,8 @@ def get_peft_model(model: Module, config: LoraConfig, adapter_name: str = "defau
     if isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for _, m in model.named_modules()):
         raise ValueError("this model already holds LoRA layers: add another adapter with "
                          "PeftModel.add_adapter(name, config), or merge_and_unload() first")
-    _check_adapter_name(adapter_name)
-    _planned_shapes(model, config, adapter_name)  # every check before anything changes
+    check_adapter_name(adapter_name)
+    planned_shapes(model, config, adapter_name)  # every check before anything changes
     if config.modules_to_save and not any(_matches(n, config.modules_to_save)
                                           for n, _ in model.named_modules() if n):
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module")
@@ -209,7 +119,7 @@ class PeftModel(Module):
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, seed: int = 0) -> None:
         """A new adapter beside the others, inactive and frozen until ``set_adapter``."""
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         if peft_config.modules_to_save or (peft_config.bias != "none" and any(
@@ -217,7 +127,7 @@ class PeftModel(Module):
             raise ValueError("modules_to_save, and bias != 'none' on more than one adapter, would be "
                              "shared between adapters here; give this adapter modules_to_save=None "
                              "and bias='none'")
-        _planned_shapes(self.base_model, peft_config, adapter_name)  # checks before changes
+        planned_shapes(self.base_model, peft_config, adapter_name)  # checks before changes
         self._inject(adapter_name, peft_config, np.random.default_rng(seed))
         self.peft_config[adapter_name] = peft_config
         for _, layer in self.lora_layers():
@@ -234,7 +144,7 @@ class PeftModel(Module):
                 layer.unmerge()
             layer.set_adapter(adapter_name)
         targets = [n for n, _ in find_targets(self.base_model, config.target_modules)]
-        for p in _extra_trainable(self.base_model, config, targets).values():
+        for p in extra_trainable(self.base_model, config, targets).values():
             p.requires_grad = True
         self._active = adapter_name
 
@@ -373,7 +283,7 @@ class PeftModel(Module):
             if key and any(part in ADAPTER_CONTAINERS for part in n.split(".")):
                 arrays[key] = p.data
         arrays.update({to_peft_key(n, name): p.data for n, p in
-                       _extra_trainable(self.base_model, config, targets).items()})
+                       extra_trainable(self.base_model, config, targets).items()})
         return arrays
 
     def save_pretrained(self, directory, selected_adapters=None, convert_pissa_to_lora: bool = False) -> Path:
