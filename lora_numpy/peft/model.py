@@ -21,7 +21,7 @@ from ..nn import Module
 from .config import LoraConfig, pissa_niter
 from .files import ADAPTER_CONTAINERS, check_finite, from_peft_key, read_adapter, to_peft_key, write_adapter
 from .targets import (LAYER_FOR, check_adapter_name, extra_trainable, find_targets,
-                      planned_shapes)
+                      matches, planned_shapes)
 from .tuner import BASE, LoraLayer
 from .weighted import COMBINATIONS, combine_factors
 
@@ -47,7 +47,7 @@ def get_peft_model(model: Module, config: LoraConfig, adapter_name: str = "defau
                          "PeftModel.add_adapter(name, config), or merge_and_unload() first")
     check_adapter_name(adapter_name)
     planned_shapes(model, config, adapter_name)  # every check before anything changes
-    if config.modules_to_save and not any(_matches(n, config.modules_to_save)
+    if config.modules_to_save and not any(matches(n, config.modules_to_save)
                                           for n, _ in model.named_modules() if n):
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module")
     model.requires_grad_(False)

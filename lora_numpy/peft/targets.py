@@ -19,7 +19,7 @@ HEAD_NAMES = ("lm_head", "score")  # output layers that "all-linear" leaves alon
 LAYER_FOR = {Linear: LoraLinear, Embedding: LoraEmbedding}
 
 
-def _matches(name: str, targets) -> bool:
+def matches(name: str, targets) -> bool:
     """PEFT's rule: an entry matches a module whose full name equals it or ends with
     ``"." + entry``; a string is a regular expression over the full name."""
     if isinstance(targets, str):
@@ -52,7 +52,7 @@ def find_targets(model: Module, target_modules) -> list:
                 and isinstance(getattr(m, "base_layer", m), Linear)]
     by_name, chosen = dict(adaptable), []
     for name, module in _outer_modules(model):
-        if name and _matches(name, target_modules):
+        if name and matches(name, target_modules):
             if name not in by_name:
                 raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA here adapts "
                                  f"Linear and Embedding layers only: {names}")
@@ -98,6 +98,6 @@ def extra_trainable(model: Module, config: LoraConfig, target_paths) -> dict:
         in_target = module_path.endswith("base_layer") and module_path[:-len(".base_layer")] in wrapped
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if module_path else []
         if ((leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and in_target)))
-                or (config.modules_to_save and any(_matches(pre, config.modules_to_save) for pre in prefixes))):
+                or (config.modules_to_save and any(matches(pre, config.modules_to_save) for pre in prefixes))):
             chosen[full] = p
     return chosen
