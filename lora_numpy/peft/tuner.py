@@ -150,13 +150,12 @@ class LoraLayer(Module):
             rows_of.setdefault(name, []).append(row)
         pieces, order = [], []
         for name, rows in rows_of.items():
-            rows = np.asarray(rows)
             if name in self.r:
-                pieces.append(self._lora_term(x[rows], name))
+                pieces.append(self._lora_term(x[backend.asarray(rows)], name))
             else:  # the base model for these rows (or an adapter this layer does not hold)
                 pieces.append(Tensor(backend.xp.zeros((len(rows),) + result.shape[1:], dtype=result.dtype)))
-            order.extend(rows.tolist())
-        back = np.argsort(np.asarray(order))  # row i of the batch sits at position back[i]
+            order.extend(rows)
+        back = backend.asarray(np.argsort(order))  # row i of the batch sits at position back[i]
         return result + cat(pieces, axis=0)[back]
 
     def extra_repr(self):
