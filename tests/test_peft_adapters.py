@@ -1,6 +1,6 @@
 """Many named adapters on one model (PEFT's API), mixed-batch serving, adapter arithmetic
 (``add_weighted_adapter``), LoRA+ parameter groups, LoRA on an Embedding, config type checks."""
-import warnings
+import json
 
 import numpy as np
 import pytest
@@ -247,6 +247,7 @@ def test_config_refuses_bad_types(kwargs, match):
 def test_config_accepts_numpy_ints_and_a_bare_module_name():
     config = LoraConfig(r=np.int64(4), lora_alpha=np.float32(8), modules_to_save="score")
     assert config.r == 4 and type(config.r) is int and config.modules_to_save == ("score",)
+    assert type(config.lora_alpha) is float and json.dumps(config.to_dict())  # plain numbers: JSON-able
 
 
 def test_get_peft_model_refuses_a_model_with_lora_layers():

@@ -53,10 +53,11 @@ def _check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def _check_real(name: str, value) -> float:
+def _check_real(name: str, value):
+    """A finite int or float (NumPy's too), returned as a plain Python number for JSON."""
     if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _check_names(name: str, value) -> tuple:
@@ -89,9 +90,11 @@ class LoraConfig:
         if _is_bool(self.r) or not isinstance(self.r, numbers.Integral) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
         self.r = int(self.r)
-        if not _check_real("lora_alpha", self.lora_alpha) > 0:
+        self.lora_alpha = _check_real("lora_alpha", self.lora_alpha)
+        if not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= _check_real("lora_dropout", self.lora_dropout) < 1.0:
+        self.lora_dropout = _check_real("lora_dropout", self.lora_dropout)
+        if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         self.use_rslora = _check_bool("use_rslora", self.use_rslora)
         self.use_dora = _check_bool("use_dora", self.use_dora)
