@@ -126,10 +126,11 @@ def test_adapter_survives_sigkill(tmp_path):
     for seed, r in ((1, 2), (2, 4)):
         peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=4), seed=seed)
         for _, layer in peft.lora_layers():  # B = 0 at init: give it values a mix would show
-            layer.lora_B.data[...] = backend.asarray(
-                np.random.default_rng(seed).standard_normal(layer.lora_B.shape).astype(np.float32))
+            B = layer.lora_B["default"].weight
+            B.data[...] = backend.asarray(
+                np.random.default_rng(seed).standard_normal(B.shape).astype(np.float32))
         adapters.append(peft)
-    expected = {a.peft_config.r: host(a.adapter_state_dict()) for a in adapters}
+    expected = {a.active_peft_config.r: host(a.adapter_state_dict()) for a in adapters}
     folder = tmp_path / "adapter"
 
     def save_one_of(i):
@@ -137,7 +138,7 @@ def test_adapter_survives_sigkill(tmp_path):
 
     def check():
         loaded = PeftModel.from_pretrained(copy.deepcopy(base), folder)
-        assert_same_arrays(loaded.adapter_state_dict(), expected[loaded.peft_config.r])
+        assert_same_arrays(loaded.adapter_state_dict(), expected[loaded.active_peft_config.r])
 
     save_one_of(0)
     mid_save = run_kills(folder, save_one_of, check, np.random.default_rng(1))

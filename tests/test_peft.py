@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from lora_numpy import Tensor, backend, no_grad
 from lora_numpy import functional as F
@@ -89,7 +90,7 @@ def randomize_adapters(model, seed=5, scale=0.3):
     """Give every adapter nonzero A and B, so ΔW ≠ 0."""
     rng = np.random.default_rng(seed)
     for _, layer in model.lora_layers():
-        for p in (layer.lora_A, layer.lora_B):
+        for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
             p.data[...] = backend.asarray(rng.normal(0.0, scale, p.shape).astype(p.dtype))
 
 
@@ -227,7 +228,7 @@ def test_all_linear_skips_output_heads():
     assert len(expected) == 2 * 6
 
 
-@pytest.mark.parametrize("targets", [("ln_1",), ("blocks.0.ln_2",), ("wte",), ("attn",), r"blocks\.0\.attn"])
+@pytest.mark.parametrize("targets", [("ln_1",), ("blocks.0.ln_2",), ("attn",), r"blocks\.0\.attn"])
 def test_targeting_non_linear_is_an_error(targets):
     model = base_gpt()
     with pytest.raises(ValueError, match="Linear"):
@@ -265,7 +266,7 @@ def _big_layer(init, r=32, d_in=512, d_out=64, seed=0):
 
 def test_default_init_is_kaiming_uniform_and_b_zero():
     layer = _big_layer(True)
-    A, Bm = _np(layer.lora_A.data), _np(layer.lora_B.data)
+    A, Bm = _np(layer.lora_A["default"].weight.data), _np(layer.lora_B["default"].weight.data)
     bound = 1.0 / math.sqrt(512)
     assert A.shape == (32, 512) and Bm.shape == (64, 32)
     assert np.all(np.abs(A) <= bound)
@@ -279,11 +280,11 @@ def test_default_init_is_kaiming_uniform_and_b_zero():
 def test_gaussian_init_has_std_one_over_r():
     for r in (4, 16):
         layer = _big_layer("gaussian", r=r)
-        A = _np(layer.lora_A.data)
+        A = _np(layer.lora_A["default"].weight.data)
         assert abs(A.std() * r - 1) < 0.03
-        assert abs(A.mean()) < 0.03 / r
+        assert abs(A.mean()) < 4 / r / np.sqrt(A.size)  # 4 standard errors of the mean
         assert np.abs(A).max() > 3 / r  # not uniform: a normal has tails
-        assert np.all(_np(layer.lora_B.data) == 0)
+        assert np.all(_np(layer.lora_B["default"].weight.data) == 0)
 
 
 @pytest.mark.parametrize("r, alpha, rslora, expected", [
@@ -294,7 +295,7 @@ def test_scaling(r, alpha, rslora, expected):
     assert config.scaling == pytest.approx(expected)
     rng = np.random.default_rng(0)
     layer = LoraLinear(Linear(16, 16, rng=rng), config, rng)
-    assert layer.scaling == pytest.approx(expected)
+    assert layer.scaling["default"] == pytest.approx(expected)
 
 
 # ==== counting ====================================================================================
@@ -337,14 +338,14 @@ def _trainable(model):
 def test_freezes_everything_but_adapters():
     peft = get_peft_model(base_gpt(), LoraConfig(r=2))
     layers = [f"blocks.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
-    assert _trainable(peft.base_model) == {f"{n}.lora_{x}" for n in layers for x in "AB"}
+    assert _trainable(peft.base_model) == {f"{n}.lora_{x}.default.weight" for n in layers for x in "AB"}
     assert isinstance(peft.base_model.get_submodule(layers[0]).base_layer, Linear)
     assert not peft.base_model.get_submodule(layers[0]).base_layer.weight.requires_grad
 
 
 def test_bias_modes_train_exactly_the_right_biases():
     layers = [f"blocks.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
-    adapters = {f"{n}.lora_{x}" for n in layers for x in "AB"}
+    adapters = {f"{n}.lora_{x}.default.weight" for n in layers for x in "AB"}
     all_bias = {n for n, _ in base_gpt().named_parameters() if n.endswith(".bias")}
     # wrapped layers' biases now live under base_layer
     all_bias = {(n[:-len(".bias")] + ".base_layer.bias") if n[:-len(".bias")] in layers else n
@@ -360,7 +361,7 @@ def test_bias_modes_train_exactly_the_right_biases():
 def test_modules_to_save_trains_the_score_head():
     peft = get_peft_model(base_classifier(), LoraConfig(r=2, modules_to_save=["score"]))
     layers = [f"transformer.blocks.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
-    assert _trainable(peft.base_model) == {f"{n}.lora_{x}" for n in layers for x in "AB"} | {"score.weight"}
+    assert _trainable(peft.base_model) == {f"{n}.lora_{x}.default.weight" for n in layers for x in "AB"} | {"score.weight"}
     d = TINY["n_embd"]
     assert peft.num_parameters(trainable_only=True) == 4 * 2 * (d + d) + 3 * d
 
@@ -383,7 +384,7 @@ def _nonzero_layer(d_in=7, d_out=5, r=3, alpha=6.0, dropout=0.0, bias=True, rslo
 def test_lora_forward_matches_formula(bias, rslora):
     layer = _nonzero_layer(bias=bias, rslora=rslora)
     W, A, Bm = (_np(p.data).astype(np.float64) for p in
-                (layer.base_layer.weight, layer.lora_A, layer.lora_B))
+                (layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight))
     assert np.abs(A).max() > 0 and np.abs(Bm).max() > 0
     s = 6.0 / (math.sqrt(3) if rslora else 3)
     x = np.random.default_rng(1).standard_normal((2, 4, 7)).astype(np.float32)
@@ -399,7 +400,7 @@ def test_lora_dropout_touches_only_the_lora_path():
     p = 0.5
     layer = _nonzero_layer(d_in=32, dropout=p)
     W, b, A, Bm = (_np(t.data).astype(np.float64) for t in
-                   (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B))
+                   (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight, layer.lora_B["default"].weight))
     s = 2.0
     x = np.random.default_rng(1).standard_normal((3, 6, 32)).astype(np.float32)
     # eval mode: no dropout anywhere
@@ -408,7 +409,7 @@ def test_lora_dropout_touches_only_the_lora_path():
                                rtol=1e-5, atol=1e-5)
     # training: replay the layer's own generator to know the mask it draws
     layer.train()
-    replay = copy.deepcopy(layer.lora_dropout.rng)
+    replay = copy.deepcopy(layer.lora_dropout["default"].rng)
     mask = (replay.random(x.shape, dtype="float32") >= p) / (1 - p)
     assert 0.3 < (mask == 0).mean() < 0.7
     got = _np(layer(Tensor(x)).data)
@@ -494,7 +495,7 @@ def test_merge_unmerge_roundtrip():
     unmerged = logits(peft, x)
     assert np.abs(unmerged - base).max() > 1e-2  # the adapters do something
     w0 = {n: _np(l.base_layer.weight.data).copy() for n, l in peft.lora_layers()}
-    deltas = {n: 2.0 * _np(l.lora_B.data).astype(np.float64) @ _np(l.lora_A.data) for n, l in peft.lora_layers()}
+    deltas = {n: 2.0 * _np(l.lora_B["default"].weight.data).astype(np.float64) @ _np(l.lora_A["default"].weight.data) for n, l in peft.lora_layers()}
 
     peft.merge_adapter()
     for n, layer in peft.lora_layers():
@@ -569,7 +570,7 @@ def test_lora_training_touches_only_adapters():
         else:
             assert np.array_equal(before[name], after[name]), f"frozen {name} changed"
             assert after[name].tobytes() == before[name].tobytes()
-    assert all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert all(n.endswith(("lora_A.default.weight", "lora_B.default.weight")) for n in trainable)
     for name, p in peft.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, name
@@ -622,8 +623,8 @@ def test_pissa_factors_are_the_principal_part(shape, r, alpha, rslora):
     W0 = np.random.default_rng(3).standard_normal(shape).astype(np.float32).astype(np.float64)
     layer = _pissa_layer(W0, r, alpha, rslora=rslora)
     s = alpha / (math.sqrt(r) if rslora else r)
-    assert layer.scaling == pytest.approx(s)
-    A, Bm = _np(layer.lora_A.data).astype(np.float64), _np(layer.lora_B.data).astype(np.float64)
+    assert layer.scaling["default"] == pytest.approx(s)
+    A, Bm = _np(layer.lora_A["default"].weight.data).astype(np.float64), _np(layer.lora_B["default"].weight.data).astype(np.float64)
     W_res = _np(layer.base_layer.weight.data).astype(np.float64)
     assert A.shape == (r, shape[1]) and Bm.shape == (shape[0], r)
     scale = np.abs(W0).max()
@@ -651,8 +652,8 @@ def test_pissa_randomized_svd_approaches_exact():
     for init in ("pissa_niter_0", "pissa_niter_1", "pissa_niter_2", "pissa_niter_4", "pissa_niter_8",
                  "pissa_niter_16", "pissa"):
         layer = _pissa_layer(W0, r, 8, init)
-        s = layer.scaling
-        A, Bm = _np(layer.lora_A.data).astype(np.float64), _np(layer.lora_B.data).astype(np.float64)
+        s = layer.scaling["default"]
+        A, Bm = _np(layer.lora_A["default"].weight.data).astype(np.float64), _np(layer.lora_B["default"].weight.data).astype(np.float64)
         # whatever the SVD, the layer still computes W0 at step 0
         np.testing.assert_allclose(_np(layer.base_layer.weight.data) + s * Bm @ A, W0, atol=1e-5)
         errors.append(np.linalg.norm(s * Bm @ A - best))
@@ -679,18 +680,18 @@ def test_pissa_to_lora_conversion_reproduces_trained_model(tmp_path, rslora):
     assert saved["r"] == 2 * r
     assert saved["lora_alpha"] == pytest.approx(alpha * (math.sqrt(2) if rslora else 2))
     assert LoraConfig.from_dict(saved).scaling == pytest.approx(config.scaling)
-    with np.load(tmp_path / "conv" / "adapter_model.npz", allow_pickle=False) as npz:
-        for name, layer in peft.lora_layers():
-            d_out, d_in = layer.base_layer.weight.shape
-            assert npz[f"{name}.lora_A"].shape == (2 * r, d_in)
-            assert npz[f"{name}.lora_B"].shape == (d_out, 2 * r)
+    arrays = load_file(str(tmp_path / "conv" / "adapter_model.safetensors"))
+    for name, layer in peft.lora_layers():
+        d_out, d_in = layer.base_layer.weight.shape
+        assert arrays[f"base_model.model.{name}.lora_A.weight"].shape == (2 * r, d_in)
+        assert arrays[f"base_model.model.{name}.lora_B.weight"].shape == (d_out, 2 * r)
 
     fresh = base_gpt()  # the ORIGINAL base, never touched by PiSSA
     original = snapshot(fresh)
     loaded = PeftModel.from_pretrained(fresh, tmp_path / "conv")
     for name, layer in loaded.lora_layers():  # the base weights stay W0, not W_res
         np.testing.assert_array_equal(_np(layer.base_layer.weight.data), original[f"{name}.weight"])
-        assert layer.scaling == pytest.approx(config.scaling)
+        assert layer.scaling["default"] == pytest.approx(config.scaling)
     np.testing.assert_allclose(logits(loaded, x), trained, rtol=1e-4, atol=1e-4)
 
 
@@ -702,7 +703,8 @@ def test_convert_pissa_to_lora_refused_for_plain_lora(tmp_path):
 
 # ==== adapter files ==============================================================================
 def _expected_adapter_keys(peft):
-    return {f"{n}.lora_{x}" for n in lora_names(peft.base_model) for x in "AB"}
+    """PEFT's keys on disk: prefix base_model.model., adapter name removed."""
+    return {f"base_model.model.{n}.lora_{x}.weight" for n in lora_names(peft.base_model) for x in "AB"}
 
 
 def test_save_pretrained_holds_only_adapter_arrays_and_roundtrips(tmp_path):
@@ -712,22 +714,24 @@ def test_save_pretrained_holds_only_adapter_arrays_and_roundtrips(tmp_path):
     quick_train(peft, steps=2)
     expected = logits(peft, x)
     peft.save_pretrained(tmp_path / "ad")
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.npz"]
-    with np.load(tmp_path / "ad" / "adapter_model.npz", allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json",
+                                                                   "adapter_model.safetensors"]
+    arrays = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
     assert set(arrays) == _expected_adapter_keys(peft)
-    assert all(k.endswith((".lora_A", ".lora_B")) for k in arrays)
     params = dict(peft.base_model.named_parameters())
     for k, v in arrays.items():
         assert v.dtype == np.float32
-        np.testing.assert_array_equal(v, _np(params[k].data))
+        internal = k[len("base_model.model."):].replace(".weight", ".default.weight")
+        np.testing.assert_array_equal(v, _np(params[internal].data))
     n_saved = sum(v.size for v in arrays.values())
     assert n_saved == peft.num_parameters(trainable_only=True) == 2 * (3 * 32 + 3 * 80)
 
     loaded = PeftModel.from_pretrained(base_gpt(), tmp_path / "ad")
-    assert loaded.peft_config.to_dict() == config.to_dict()
+    assert loaded.active_peft_config.to_dict() == config.to_dict()
     np.testing.assert_array_equal(logits(loaded, x), expected)
-    assert _trainable(loaded) == _trainable(peft)
+    assert _trainable(loaded) == set()  # PEFT's default: loaded for inference, frozen
+    trainable = PeftModel.from_pretrained(base_gpt(), tmp_path / "ad", is_trainable=True)
+    assert _trainable(trainable) == _trainable(peft)
 
 
 def test_save_pretrained_with_biases_and_modules_to_save(tmp_path):
@@ -741,11 +745,9 @@ def test_save_pretrained_with_biases_and_modules_to_save(tmp_path):
     quick_train(peft, steps=2, batch_fn=batch_fn)
     expected = logits(peft, x)
     peft.save_pretrained(tmp_path / "ad")
-    with np.load(tmp_path / "ad" / "adapter_model.npz", allow_pickle=False) as npz:
-        keys = set(npz.files)
-    bias_keys = {n for n, p in peft.base_model.named_parameters() if n.endswith(".bias")}
-    assert keys == _expected_adapter_keys(peft) | bias_keys | {"score.weight"}
-    assert not any(k.endswith(".weight") and k != "score.weight" for k in keys)
+    keys = set(load_file(str(tmp_path / "ad" / "adapter_model.safetensors")))
+    bias_keys = {f"base_model.model.{n}" for n, p in peft.base_model.named_parameters() if n.endswith(".bias")}
+    assert keys == _expected_adapter_keys(peft) | bias_keys | {"base_model.model.score.weight"}
     loaded = PeftModel.from_pretrained(base_classifier(), tmp_path / "ad")
     np.testing.assert_array_equal(logits(loaded, x), expected)
 
@@ -816,17 +818,17 @@ def test_adjust_rank_is_the_best_rank_k_update(rslora):
     peft = get_peft_model(base_gpt(), LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora,
                                                  target_modules=("q_proj", "fc1")))
     randomize_adapters(peft)
-    old = {n: l.scaling * (_np(l.lora_B.data).astype(np.float64) @ _np(l.lora_A.data))
+    old = {n: l.scaling["default"] * (_np(l.lora_B["default"].weight.data).astype(np.float64) @ _np(l.lora_A["default"].weight.data))
            for n, l in peft.lora_layers()}
     peft.adjust_rank(k)
     s_new = alpha / (math.sqrt(k) if rslora else k)
-    assert peft.peft_config.r == k
+    assert peft.active_peft_config.r == k
     for n, layer in peft.lora_layers():
-        assert layer.r == k and layer.scaling == pytest.approx(s_new)
+        assert layer.r["default"] == k and layer.scaling["default"] == pytest.approx(s_new)
         d_out, d_in = layer.base_layer.weight.shape
-        assert layer.lora_A.shape == (k, d_in) and layer.lora_B.shape == (d_out, k)
-        assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
-        new = s_new * (_np(layer.lora_B.data).astype(np.float64) @ _np(layer.lora_A.data))
+        assert layer.lora_A["default"].weight.shape == (k, d_in) and layer.lora_B["default"].weight.shape == (d_out, k)
+        assert layer.lora_A["default"].weight.requires_grad and layer.lora_B["default"].weight.requires_grad
+        new = s_new * (_np(layer.lora_B["default"].weight.data).astype(np.float64) @ _np(layer.lora_A["default"].weight.data))
         scale = np.abs(old[n]).max()
         np.testing.assert_allclose(new, svd_truncation(old[n], k), atol=1e-5 * scale)
         S = np.linalg.svd(old[n], compute_uv=False)
@@ -844,7 +846,7 @@ def test_adjust_rank_refused_while_merged():
         peft.adjust_rank(2)
     after = snapshot(peft.base_model)
     assert after.keys() == before.keys() and all(np.array_equal(before[k], after[k]) for k in before)
-    assert all(layer.r == 3 for _, layer in peft.lora_layers())
+    assert all(layer.r["default"] == 3 for _, layer in peft.lora_layers())
 
 
 def test_adjust_rank_refusal_changes_no_layer():
@@ -855,8 +857,8 @@ def test_adjust_rank_refusal_changes_no_layer():
     before = snapshot(peft.base_model)
     with pytest.raises(RuntimeError):
         peft.adjust_rank(2)
-    assert all(layer.r == 3 for _, layer in peft.lora_layers())
-    assert peft.peft_config.r == 3
+    assert all(layer.r["default"] == 3 for _, layer in peft.lora_layers())
+    assert peft.active_peft_config.r == 3
     after = snapshot(peft.base_model)
     assert after.keys() == before.keys() and all(np.array_equal(before[k], after[k]) for k in before)
 

@@ -40,8 +40,13 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
 
     # ---- walking the tree -------------------------------------------------------------
+    def _members(self):
+        """(name, value) for what this module holds directly: its attributes. ``ModuleDict`` and
+        ``ParameterDict`` hold theirs in a dict instead, so any string can name an entry."""
+        return vars(self).items()
+
     def named_children(self):
-        for name, value in vars(self).items():
+        for name, value in self._members():
             if isinstance(value, Module):
                 yield name, value
 
@@ -55,7 +60,7 @@ class Module:
         """(dotted name, Parameter) pairs; a parameter shared by two modules appears once."""
         seen = set()
         for module_name, module in self.named_modules():
-            for name, value in vars(module).items():
+            for name, value in module._members():
                 if isinstance(value, Parameter) and id(value) not in seen:
                     seen.add(id(value))
                     yield (f"{module_name}.{name}" if module_name else name), value
@@ -66,7 +71,10 @@ class Module:
     def get_submodule(self, path: str) -> "Module":
         module = self
         for part in path.split(".") if path else []:
-            module = getattr(module, part)
+            children = dict(module.named_children())
+            if part not in children:
+                raise AttributeError(f"{type(module).__name__} has no sub-module {part!r} (in path {path!r})")
+            module = children[part]
         return module
 
     # ---- modes and gradients ----------------------------------------------------------
@@ -154,3 +162,66 @@ class ModuleList(Module):
 
     def __iter__(self):
         return (module for _, module in self.named_children())
+
+
+class _Dict(Module):
+    """Entries by string key, named by their key in paths (``lora_A.default.weight``)."""
+
+    def __init__(self, entries=None):
+        self._entries = {}
+        for key, value in (entries or {}).items():
+            self[key] = value
+
+    def _members(self):
+        return self._entries.items()
+
+    def __setitem__(self, key: str, value) -> None:
+        if not isinstance(key, str) or not key or "." in key:
+            raise KeyError(f"key {key!r} must be a non-empty string without '.' (it becomes part "
+                           "of a dotted parameter name)")
+        self._entries[key] = value
+
+    def __getitem__(self, key: str):
+        return self._entries[key]
+
+    def __delitem__(self, key: str) -> None:
+        del self._entries[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def keys(self):
+        return self._entries.keys()
+
+    def values(self):
+        return self._entries.values()
+
+    def items(self):
+        return self._entries.items()
+
+
+class ModuleDict(_Dict):
+    """Sub-modules by name, as ``torch.nn.ModuleDict`` (PEFT keeps one LoRA factor per adapter)."""
+
+    def __setitem__(self, key: str, module: Module) -> None:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleDict holds modules, got {type(module).__name__} for {key!r}")
+        super().__setitem__(key, module)
+
+
+class ParameterDict(_Dict):
+    """Parameters by name, as ``torch.nn.ParameterDict``."""
+
+    def __setitem__(self, key: str, param: Parameter) -> None:
+        if not isinstance(param, Parameter):
+            raise TypeError(f"ParameterDict holds Parameters, got {type(param).__name__} for {key!r}")
+        super().__setitem__(key, param)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}: {tuple(p.shape)}" for k, p in self._entries.items())

@@ -17,6 +17,9 @@ from .layers import Linear
 from .module import Module, Parameter
 
 HEAD_NAMES = ("lm_head", "score")  # output heads stay in float, as QLoRA and PEFT leave them
+# What quantize_linears leaves in float: the output heads, and a LoRA adapter's own factors
+# (stored as Linears named lora_A / lora_B): they are what trains.
+FLOAT_PARTS = HEAD_NAMES + ("lora_A", "lora_B")
 
 
 def matmul_4bit(x: Tensor, packed, quant_state, bias: Tensor | None = None) -> Tensor:
@@ -98,7 +101,7 @@ def _replace(model: Module, name: str, module: Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def quantize_linears(model: Module, skip=HEAD_NAMES, blocksize: int = 64, quant_type: str = "nf4",
+def quantize_linears(model: Module, skip=FLOAT_PARTS, blocksize: int = 64, quant_type: str = "nf4",
                      compress_statistics: bool = True) -> Module:
     """Replace, in place, every float ``Linear`` whose path has no part named in ``skip`` by a
     ``Linear4bit``; returns the model. Walks all modules, so the ``base_layer`` inside a LoRA

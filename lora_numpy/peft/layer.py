@@ -1,110 +1,221 @@
-"""Floor 6: ``LoraLinear``, a thin wrapper around the ``Linear`` it adapts (loralib's design).
+"""Floor 6: ``LoraLinear``, LoRA, PiSSA and DoRA for one ``Linear`` (loralib's ``layers.py``,
+PEFT's ``lora.Linear``). Everything that happens to one adapted layer happens here.
 
     h = x W0ᵀ + b  +  s · dropout(x) Aᵀ Bᵀ          W0 (d_out, d_in) frozen
-                                                    A (r, d_in), B (d_out, r) trained
+                                                    A  (r, d_in)      lora_A[name].weight
+                                                    B  (d_out, r)     lora_B[name].weight
                                                     s = lora_alpha / r  (rsLoRA: / √r)
 
-The update ΔW = s·B A has rank at most r, and costs r·(d_in + d_out) parameters instead of
-d_in·d_out. B starts at 0, so the adapted model starts exactly equal to the base model.
-PiSSA instead starts A, B on W0's top-r singular directions and freezes the residual.
+The update ΔW = s·B A has rank at most r and costs r·(d_in + d_out) parameters instead of
+d_in·d_out. Each factor is a bias-free ``Linear`` (as in PEFT), so state-dict keys read
+``q_proj.lora_A.default.weight``. A layer holds any number of named adapters (tuner.py).
+
+Initialisations (``init_lora_weights``):
+
+* ``True`` (default): A keeps ``Linear``'s own default init, Kaiming-uniform with a=√5, i.e.
+  U(−1/√d_in, 1/√d_in), as PEFT and loralib do (the LoRA paper says "random Gaussian");
+  B = 0, so the adapted model starts exactly equal to the base model.
+* ``"gaussian"``: A ~ N(0, std=1/r), B = 0.
+* ``False``: A and B both keep ``Linear``'s default init, so ΔW ≠ 0 from the start (for tests).
+* ``"pissa"`` / ``"pissa_niter_K"`` (Meng et al. 2024): with W0 = U S Vᵀ,
+  A = √(S_r/s) V_rᵀ  (r, d_in),  B = U_r √(S_r/s)  (d_out, r), and W0 is replaced by the residual
+  W_res = W0 − s·B A, so the output is unchanged at step 0 and training moves the principal
+  directions. The PiSSA paper writes the weight as (d_in, d_out) with Y = X W, and its
+  A = U_r S_r^½ of that matrix is (d_in, r): the *input-side* factor, i.e. our ``lora_A``
+  transposed (not ``lora_B``); its B = S_r^½ V_rᵀ (r, d_out) is our ``lora_B`` transposed.
+  ``_K`` uses a randomized SVD with K power iterations.
+
+DoRA (``use_dora=True``, Liu et al. 2024) splits the adapted weight into a magnitude and a
+direction, ``W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_row``, with a trained ``m`` (d_out,) starting at
+the row norms, so the layer is unchanged at step 0. The norm is a constant in backward (paper
+§4.3; PEFT). The paper's "column norm" is our row norm: it writes W as (d_in, d_out).
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import backend
 from .. import functional as F
-from ..nn import Dropout, Linear, Module, Parameter
+from ..nn import Linear, Module, ModuleDict, Parameter
 from .config import LoraConfig, pissa_niter
 from .svd import randomized_svd, split_factors
+from .tuner import LoraLayer
 
 
-def check_rank(r: int, linear: Linear, name: str = "") -> None:
+@dataclass
+class PissaStart:
+    """PiSSA's initial factors, kept to convert the trained adapter to plain LoRA form."""
+    A: object        # (r0, d_in)
+    B: object        # (d_out, r0)
+    scaling: float   # s0
+
+
+class DoraMagnitude(Module):
+    """DoRA's magnitude m (d_out,) as ``weight`` (PEFT's key: ``lora_magnitude_vector.<name>.weight``)."""
+
+    def __init__(self, weight):
+        self.weight = Parameter(weight)
+
+
+def check_rank(r: int, shape, name: str = "") -> None:
     """A rank-r update of a (d_out, d_in) weight needs r <= min(d_in, d_out)."""
-    d_out, d_in = linear.weight.shape
+    d_out, d_in = shape
     if r > min(d_in, d_out):
         where = f" {name}" if name else ""
         raise ValueError(f"r={r} exceeds min(d_in, d_out) = {min(d_in, d_out)} for the {d_in}->{d_out} "
-                         f"Linear{where}: a rank-r update needs r <= both sides")
+                         f"layer{where}: a rank-r update needs r <= both sides")
 
 
-class LoraLinear(Module):
-    """A ``Linear`` plus a low-rank update. Owns ``base_layer``, ``lora_A``, ``lora_B``."""
+class LoraLinear(LoraLayer):
+    """A ``Linear`` plus named low-rank updates: ``base_layer``, ``lora_A``, ``lora_B``
+    (and ``lora_magnitude_vector`` for DoRA), each a dict keyed by adapter name."""
 
-    def __init__(self, base_layer: Linear, config: LoraConfig, rng):
-        check_rank(config.r, base_layer)
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: Linear, config: LoraConfig, rng, adapter_name: str = "default"):
+        super().__init__(base_layer)
+        self.lora_A, self.lora_B, self.lora_magnitude_vector = ModuleDict(), ModuleDict(), ModuleDict()
+        self.use_dora, self.pissa_start, self.dora_merge_norm = {}, {}, {}
+        self.update_layer(adapter_name, config, rng)
+        self.set_adapter(adapter_name)
+
+    @staticmethod
+    def adapter_shapes(base_layer, config: LoraConfig) -> dict:
+        """What one adapter adds to a (d_out, d_in) Linear, by parameter path below the layer,
+        with ``{name}`` for the adapter name: r·(d_in + d_out) numbers, + d_out with DoRA."""
         d_out, d_in = base_layer.weight.shape
-        self.base_layer = base_layer.requires_grad_(False)  # W0 (and b) stay as pretrained
-        self.r, self.lora_alpha = config.r, config.lora_alpha
-        self.scaling = config.scaling
-        self.lora_dropout = Dropout(config.lora_dropout, np.random.default_rng(rng.integers(2**63)))
-        dtype = base_layer.weight.dtype
-        self.lora_A = Parameter(backend.xp.zeros((config.r, d_in), dtype=dtype))
-        self.lora_B = Parameter(backend.xp.zeros((d_out, config.r), dtype=dtype))
-        self.merged = False    # ΔW folded into base_layer.weight
-        self.disabled = False  # forward as the base layer alone (disable_adapter)
-        self.initial_A = self.initial_B = self.initial_scaling = None  # PiSSA's start (for conversion)
-        self._init_weights(config.init_lora_weights, rng)
+        check_rank(config.r, (d_out, d_in))
+        shapes = {"lora_A.{name}.weight": (config.r, d_in), "lora_B.{name}.weight": (d_out, config.r)}
+        if config.use_dora:
+            shapes["lora_magnitude_vector.{name}.weight"] = (d_out,)
+        return shapes
 
-    def _init_weights(self, init, rng) -> None:
-        d_in = self.lora_A.shape[1]
-        if init is True:
-            # Kaiming-uniform with a=√5, as PEFT and loralib: U(-1/√d_in, 1/√d_in). B stays 0.
-            bound = 1.0 / math.sqrt(d_in)
-            self.lora_A.data[...] = backend.asarray(rng.uniform(-bound, bound, self.lora_A.shape))
-        elif init == "gaussian":
-            self.lora_A.data[...] = backend.asarray(rng.normal(0.0, 1.0 / self.r, self.lora_A.shape))
-        elif init is False:
-            # B random too, so ΔW ≠ 0 from the start: only for tests and experiments.
-            bound = 1.0 / math.sqrt(d_in)
-            self.lora_A.data[...] = backend.asarray(rng.uniform(-bound, bound, self.lora_A.shape))
-            self.lora_B.data[...] = backend.asarray(rng.uniform(-bound, bound, self.lora_B.shape))
-        else:
-            self._init_pissa(pissa_niter(init), rng)
+    def _per_adapter_dicts(self) -> list:
+        return super()._per_adapter_dicts() + [self.use_dora, self.pissa_start, self.dora_merge_norm]
 
-    def _init_pissa(self, niter: int, rng) -> None:
-        """PiSSA: W0 = U S Vᵀ; A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s); the frozen base becomes
-        W_res = W0 − s·B A, so W_res + s·B A = W0 and the output is unchanged at step 0.
-        (The PiSSA paper names the factors the other way round; these are PEFT's names.)"""
-        W = self.base_layer.weight.data
+    # ---- a new adapter: factors and their initialisation ------------------------------------
+    def update_layer(self, name: str, config: LoraConfig, rng) -> None:
+        d_out, d_in = self.base_weight().shape
+        check_rank(config.r, (d_out, d_in))
+        self._add_common(name, config, rng)
+        dtype = self.base_weight().dtype
+        # nn.Linear's default init for both factors: A ~ U(±1/√d_in), B ~ U(±1/√r)
+        self.lora_A[name] = Linear(d_in, config.r, bias=False, rng=rng).to(dtype)
+        self.lora_B[name] = Linear(config.r, d_out, bias=False, rng=rng).to(dtype)
+        A, B = self.lora_A[name].weight.data, self.lora_B[name].weight.data
+        init = config.init_lora_weights
+        if init == "gaussian":
+            A[...] = backend.asarray(rng.normal(0.0, 1.0 / config.r, A.shape))
+        if init is True or init == "gaussian":
+            B[...] = 0
+        elif init is not False:
+            self._init_pissa(name, pissa_niter(init))
+        self.use_dora[name] = config.use_dora
+        if config.use_dora:  # after the factors: m starts at ‖W0 + s·B A‖_row, so W' = W at step 0
+            self.lora_magnitude_vector[name] = DoraMagnitude(self._row_norm(name))
+
+    def _init_pissa(self, name: str, niter: int) -> None:
+        """W0 = U S Vᵀ; A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s); the frozen base becomes
+        W_res = W0 − s·B A, so W_res + s·B A = W0 and the output is unchanged at step 0."""
+        W, r, s = self.base_weight().data.astype("float64"), self.r[name], self.scaling[name]
         if niter < 0:
-            U, S, Vt = backend.xp.linalg.svd(W.astype("float64"), full_matrices=False)
+            U, S, Vt = backend.xp.linalg.svd(W, full_matrices=False)
         else:
             # Its own fixed seed: reloading the adapter must rebuild exactly the same W_res.
-            U, S, Vt = randomized_svd(W.astype("float64"), self.r, niter, rng=np.random.default_rng(0))
-        Bf, Af = split_factors(U[:, :self.r], S[:self.r], Vt[:self.r], self.scaling)
-        self.lora_A.data[...] = Af
-        self.lora_B.data[...] = Bf
-        W -= (self.scaling * (Bf @ Af)).astype(W.dtype)  # W_res, in place: no copy of the base
-        # Kept to convert the trained adapter to plain LoRA form later (ΔW = s(B'A' − B0 A0)).
-        self.initial_A, self.initial_B = self.lora_A.data.copy(), self.lora_B.data.copy()
-        self.initial_scaling = self.scaling
+            U, S, Vt = randomized_svd(W, r, niter, rng=np.random.default_rng(0))
+        B, A = split_factors(U[:, :r], S[:r], Vt[:r], s)
+        self.lora_A[name].weight.data[...] = A
+        self.lora_B[name].weight.data[...] = B
+        self._write_base_weight(W - s * (B @ A))  # W_res, in place: no copy of the base
+        A0, B0 = self.lora_A[name].weight.data, self.lora_B[name].weight.data
+        self.pissa_start[name] = PissaStart(A0.copy(), B0.copy(), s)
 
-    def delta_weight(self):
-        """ΔW = s · B A, shape (d_out, d_in), as an array."""
-        return (self.lora_B.data @ self.lora_A.data) * self.scaling
+    # ---- the update -------------------------------------------------------------------------
+    def factors(self, name: str):
+        """(A (r, d_in), B (d_out, r)) of adapter ``name`` as arrays."""
+        return self.lora_A[name].weight.data, self.lora_B[name].weight.data
 
-    def forward(self, x):
-        if self.merged or self.disabled:
-            return self.base_layer(x)
-        drop = self.lora_dropout
-        mask = F.dropout_mask(x.shape, drop.p, drop.rng, x.dtype) if drop.training and drop.p > 0 else None
-        return F.lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A,
-                             self.lora_B, self.scaling, mask)
+    def delta_weight(self, name: str | None = None):
+        """ΔW = s · B A, shape (d_out, d_in), as an array (the active adapter by default)."""
+        name = self.active_adapter if name is None else name
+        A, B = self.factors(name)
+        return (B @ A) * self.scaling[name]
 
-    def merge(self) -> None:
-        """W ← W + s·B A: afterwards the layer costs exactly what the base Linear costs."""
-        if not self.merged:
-            self.base_layer.weight.data += self.delta_weight()
-            self.merged = True
+    def _row_norm(self, name: str):
+        """‖W0 + s·B A‖ per output row (d_out,), an array: DoRA treats it as a constant."""
+        W = self.base_weight().data
+        return backend.xp.linalg.norm(W + self.delta_weight(name).astype(W.dtype), axis=1)
 
-    def unmerge(self) -> None:
-        """W ← W − s·B A: back to the frozen base plus a separate adapter."""
-        if self.merged:
-            self.base_layer.weight.data -= self.delta_weight()
-            self.merged = False
+    def set_factors(self, name: str, A, B) -> None:
+        """New factors for adapter ``name``, of rank ``r[name]`` (``_rescale`` first to change it)."""
+        if A.shape[0] != self.r[name] or B.shape[1] != self.r[name]:
+            raise ValueError(f"factors of rank {A.shape[0]}/{B.shape[1]} for adapter {name!r} of rank {self.r[name]}")
+        dtype, trainable = self.base_weight().dtype, self.lora_A[name].weight.requires_grad
+        for factor, value in ((self.lora_A[name], A), (self.lora_B[name], B)):
+            factor.weight = Parameter(backend.asarray(value, dtype=dtype), requires_grad=trainable)
+            factor.out_features, factor.in_features = value.shape
 
-    def extra_repr(self):
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+    def pissa_to_lora_factors(self, name: str):
+        """A trained PiSSA adapter (A', B') at scale s' as a LoRA adapter on the original W0:
+        ΔW = s'B'A' − s0 B0 A0 = s' · [B' | −(s0/s') B0] [A' ; A0], rank r + r0."""
+        start, (A, B) = self.pissa_start[name], self.factors(name)
+        ratio = start.scaling / self.scaling[name]
+        return (backend.xp.concatenate([A, start.A], axis=0),
+                backend.xp.concatenate([B, -ratio * start.B], axis=1))
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _lora_term(self, x, name: str):
+        """s · dropout(x) Aᵀ Bᵀ, the LoRA path alone (..., d_out)."""
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+
+    def _adapted_forward(self, x, name: str):
+        if self.base_is_quantized and not self.use_dora[name]:
+            # QLoRA: the 4-bit layer dequantizes W0 for its product and drops it again, so no float
+            # copy of W0 stays alive until backward (the fused op below would keep one)
+            return self.base_layer(x) + self._lora_term(x, name)
+        W, b = self.base_weight(), self.base_layer.bias
+        if not self.use_dora[name]:
+            drop = self.lora_dropout[name]
+            mask = F.dropout_mask(x.shape, drop.p, drop.rng, x.dtype) if drop.training and drop.p > 0 else None
+            return F.lora_linear(x, W, b, self.lora_A[name].weight, self.lora_B[name].weight,
+                                 self.scaling[name], mask)
+        # DoRA, as PEFT computes it on top of the base output (bias added once, not rescaled):
+        # y = x W0ᵀ + b + (m/‖·‖ − 1) ⊙ (x W0ᵀ) + (m/‖·‖) ⊙ s·(x Aᵀ Bᵀ)
+        scale = self.lora_magnitude_vector[name].weight / self._row_norm(name)  # norm: a constant
+        base_out = F.linear(x, W)
+        xd = self.lora_dropout[name](x)
+        # with dropout active, PEFT feeds the dropped-out input to the (m/‖·‖ − 1) term as well
+        direction_in = base_out if xd is x else F.linear(xd, W)
+        lora_out = self.lora_B[name](self.lora_A[name](xd)) * self.scaling[name]
+        out = base_out + (scale - 1.0) * direction_in + scale * lora_out
+        return out if b is None else out + b
+
+    def _mixed_batch_forward(self, x, adapter_names):
+        dora = sorted({n for n in adapter_names if self.use_dora.get(n)})
+        if dora:
+            raise ValueError(f"adapters {dora} use DoRA, which mixed-batch serving does not support "
+                             "(as in PEFT): serve them one at a time with set_adapter")
+        return super()._mixed_batch_forward(x, adapter_names)
+
+    # ---- merge / unmerge --------------------------------------------------------------------
+    def _merge_one(self, name: str) -> None:
+        """LoRA: W ← W + s·B A. DoRA: W ← (m/‖W + s·B A‖_row) ⊙ (W + s·B A), norm kept for unmerge."""
+        W, delta = self.base_weight().data, self.delta_weight(name)
+        if self.use_dora[name]:
+            norm = self._row_norm(name)
+            self.dora_merge_norm[name] = norm
+            factor = (self.lora_magnitude_vector[name].weight.data / norm)[:, None]
+            self._write_base_weight(factor * (W + delta))
+        else:
+            self._write_base_weight(W + delta)
+
+    def _unmerge_one(self, name: str) -> None:
+        """The exact inverse: W ← W − s·B A, or for DoRA W ← W / (m/‖·‖) − s·B A."""
+        W, delta = self.base_weight().data, self.delta_weight(name)
+        if self.use_dora[name]:
+            factor = (self.lora_magnitude_vector[name].weight.data / self.dora_merge_norm.pop(name))[:, None]
+            self._write_base_weight(W / factor - delta)
+        else:
+            self._write_base_weight(W - delta)

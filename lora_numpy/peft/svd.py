@@ -49,16 +49,16 @@ def randomized_svd(M, k: int, n_iter: int = 2, oversample: int = 0, rng=None):
     return (Q @ Ub)[:, :k], S[:k], Vt[:k]
 
 
-def truncate_product(B_mat, A_mat, k: int):
-    """Best rank-k factors of the product ``B_mat @ A_mat`` ((m, r) @ (r, n)) without forming it.
+def truncate_product(B, A, k: int):
+    """Best rank-k factors of the product ``B @ A`` ((m, r) @ (r, n)) without forming it.
 
     With ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (thin QR), ``B A = Q_B (R_B R_Aᵀ) Q_Aᵀ``: the SVD of
     the small r×r core gives the SVD of the product. Returns U (m, k), S (k,), Vt (k, n).
     """
-    r = B_mat.shape[1]
+    r = B.shape[1]
     if not 1 <= k <= r:
         raise ValueError(f"can only truncate to a rank in [1, {r}], got {k}")
-    Qb, Rb = backend.xp.linalg.qr(B_mat)
-    Qa, Ra = backend.xp.linalg.qr(A_mat.T)
+    Qb, Rb = backend.xp.linalg.qr(B)
+    Qa, Ra = backend.xp.linalg.qr(A.T)
     Uc, S, Vtc = backend.xp.linalg.svd(Rb @ Ra.T)
     return (Qb @ Uc)[:, :k], S[:k], (Qa @ Vtc.T).T[:k]
