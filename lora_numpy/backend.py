@@ -1,11 +1,12 @@
-"""Floor 1: the array module, dtypes and randomness.
+"""Floor 1: the array module and the default dtype.
 
 Every other file does array work through ``backend.xp``: NumPy by default, CuPy when
 ``LORA_NUMPY_BACKEND=cupy`` is set or :func:`set_backend` picks it. Code reads ``backend.xp``
 at call time (never ``from .backend import xp``) so that a switch reaches every op.
 
-Randomness never hides in global state: every random draw takes a ``Generator`` that the caller
-owns, made by :func:`rng` from a seed, so one seed gives bit-identical runs.
+Randomness never hides in global state: every random draw takes a ``numpy.random.Generator``
+that the caller owns (``np.random.default_rng(seed)``), drawn on the host and then moved to the
+device, so one seed gives bit-identical runs on NumPy and CuPy.
 """
 from __future__ import annotations
 
@@ -68,12 +69,6 @@ def asarray(a, dtype=None):
             "or set_backend('cupy')"
         )
     return xp.asarray(a, dtype=dtype)
-
-
-def rng(seed: int | None = None) -> np.random.Generator:
-    """A seeded NumPy Generator. Random draws happen on the host, then move to the device,
-    so the same seed gives the same numbers on NumPy and CuPy."""
-    return np.random.default_rng(seed)
 
 
 def scatter_add(target, indices, values) -> None:

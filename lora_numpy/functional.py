@@ -46,7 +46,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             grads.append(g2.sum(axis=0) if bias.requires_grad else None)
         return grads
     out = out.reshape(lead + (weight.shape[0],))
-    return Tensor._result(out, parents, backward, "linear")
+    return Tensor.from_op(out, parents, backward, "linear")
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -86,7 +86,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         if bias is not None:
             grads.append(g2.sum(axis=0) if bias.requires_grad else None)
         return grads
-    return Tensor._result(out.reshape(lead + (weight.shape[0],)), parents, backward, "lora_linear")
+    return Tensor.from_op(out.reshape(lead + (weight.shape[0],)), parents, backward, "lora_linear")
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
@@ -96,7 +96,7 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
     def backward(g):  # dx = y ⊙ (g - Σ g⊙y)
         return (y * (g - (g * y).sum(axis=axis, keepdims=True)),)
-    return Tensor._result(y, (x,), backward, "softmax")
+    return Tensor.from_op(y, (x,), backward, "softmax")
 
 
 def _log_softmax_array(z, axis):
@@ -110,7 +110,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
     def backward(g):  # dx = g - softmax(x) Σ g
         return (g - backend.xp.exp(y) * g.sum(axis=axis, keepdims=True),)
-    return Tensor._result(y, (x,), backward, "log_softmax")
+    return Tensor.from_op(y, (x,), backward, "log_softmax")
 
 
 def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, weight=None) -> Tensor:
@@ -156,7 +156,7 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, weight=None
         dz[rows, safe_t] -= 1
         dz *= (g * w / total)[:, None]
         return (dz.reshape(logits.shape),)
-    return Tensor._result(loss, (logits,), backward, "cross_entropy")
+    return Tensor.from_op(loss, (logits,), backward, "cross_entropy")
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -196,7 +196,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         if bias is not None:  # dbias = Σ_rows g
             grads.append(rows_g.sum(axis=0) if bias.requires_grad else None)
         return grads
-    return Tensor._result(y, parents, backward, "layer_norm")
+    return Tensor.from_op(y, parents, backward, "layer_norm")
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -227,7 +227,7 @@ def gelu(x: Tensor) -> Tensor:
         d += u
         d *= g
         return (d,)
-    return Tensor._result(y, (x,), backward, "gelu")
+    return Tensor.from_op(y, (x,), backward, "gelu")
 
 
 def dropout_mask(shape, p: float, rng, dtype):
@@ -250,7 +250,7 @@ def dropout(x: Tensor, p: float, training: bool, rng) -> Tensor:
 
     def backward(g):  # dy/dx = mask / (1-p)
         return (g * mask,)
-    return Tensor._result(x.data * mask, (x,), backward, "dropout")
+    return Tensor.from_op(x.data * mask, (x,), backward, "dropout")
 
 
 def embedding(idx, weight: Tensor) -> Tensor:
@@ -266,7 +266,7 @@ def embedding(idx, weight: Tensor) -> Tensor:
         dw = backend.xp.zeros_like(weight.data)
         backend.scatter_add(dw, ids.reshape(-1), g.reshape(-1, weight.shape[1]))
         return (dw,)
-    return Tensor._result(weight.data[ids], (weight,), backward, "embedding")
+    return Tensor.from_op(weight.data[ids], (weight,), backward, "embedding")
 
 
 _causal_bias_cache: dict = {}
@@ -321,4 +321,4 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
             if k.requires_grad:
                 gk = unbroadcast(ds.swapaxes(-1, -2) @ q.data, k.shape)
         return gq, gk, gv
-    return Tensor._result(out, (q, k, v), backward, "attention")
+    return Tensor.from_op(out, (q, k, v), backward, "attention")
