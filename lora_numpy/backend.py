@@ -82,6 +82,27 @@ def scatter_add(target, indices, values) -> None:
         np.add.at(target, indices, values)
 
 
+def index_add_rows(target, ids, rows) -> None:
+    """``target[ids[i]] += rows[i]`` for every i, repeated ids adding up; target (V, D), ids
+    (N,) integers, rows (N, D). The backward of an embedding lookup.
+
+    On the CPU: sort the ids so that equal ones sit together, then sum each run of rows in one
+    ``np.add.reduceat`` pass. Measured against ``np.add.at`` (which updates row by row),
+    interleaved, median of 41: 0.06x the time at N=2048, D=128, V=96; 0.08x at D=384.
+    """
+    if ids.size == 0:
+        return
+    if name == "cupy":  # one atomic add per element on the GPU
+        import cupyx
+
+        cupyx.scatter_add(target, ids, rows)
+        return
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
+    target[sorted_ids[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+
+
 def keep_freed_host_memory(keep: bool = True) -> bool:
     """Make glibc's malloc keep freed blocks for reuse (the host's memory pool); False undoes it.
 
