@@ -221,7 +221,8 @@ def gelu(x: Tensor) -> Tensor:
     """GELU, tanh form (GPT-2's): ``y = ½ x (1 + tanh(u))``, ``u = √(2/π) (x + 0.044715 x³)``."""
     # Written in place, two buffers in all. The forward keeps s = ½(1 + tanh u), which it needs
     # anyway, so that the backward takes 9 passes over the array instead of 12 with tanh u
-    # (gelu forward + backward at 2048x512: 0.8x the time, interleaved, median of 41).
+    # (forward + backward, interleaved, median of 61, 1 thread: 0.84x the time at 2048x512,
+    # 0.86x at 2048x1536 and at 512x256).
     a = x.data
     s = a * a
     s *= _GELU_CUBIC * _SQRT_2_OVER_PI
