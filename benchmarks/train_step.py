@@ -22,8 +22,17 @@ in the machine's load during the run hits both alike instead of skewing the rati
 With LORA_NUMPY_BACKEND=cupy the device is synchronised before each clock read.
 
 lora_numpy_step(model, params) / torch_step(model, params) time a step that updates only
-``params``, so the same code can time LoRA (only the adapters trainable) against full
-fine-tuning. This script prints figures; it never passes or fails.
+``params``, so the same code times LoRA against full fine-tuning. LoRA rows: r=8, alpha=16 on
+q_proj, k_proj, v_proj, out_proj, fc1, fc2 (only the adapters trainable), lora_numpy's
+get_peft_model against PEFT's inject_adapter_in_model on the torch twin (PEFT installed; skipped
+otherwise). "lora/full" is lora_numpy's LoRA step over its own full step.
+
+Matrix-product throughput: the script times a 2048x2048 by 2048x2048 float32 product with NumPy
+(median of 5, same threads) as the machine's peak, counts the multiply-adds of every matrix
+product in a full step (each Linear's forward, input and weight gradients; attention's q kᵀ,
+P v and their four backward products), and prints FLOPs of the step / step time / peak: the
+fraction of the peak the whole step reaches, everything else (elementwise ops, Python, the
+optimizer) included. This script prints figures; it never passes or fails.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ SIZES = {"tiny": (2, 2, 64, 32, 16, 96), "small": (4, 4, 128, 64, 32, 96),
          "medium": (6, 6, 384, 128, 16, 96)}
 DEFAULT_STEPS = {"tiny": (10, 100), "small": (5, 40), "medium": (3, 15)}
 HP = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, grad_clip=1.0)  # train.py's
+LORA = dict(r=8, lora_alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))
 ROUNDS = 5  # timed steps are taken in this many turns per implementation
 PHASES = ("forward", "backward", "optimizer")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -71,6 +81,7 @@ import numpy as np  # noqa: E402
 from lora_numpy import backend  # noqa: E402
 from lora_numpy.models.gpt import GPT, GPTConfig  # noqa: E402
 from lora_numpy.optim import AdamW, clip_grad_norm_  # noqa: E402
+from lora_numpy.peft import LoraConfig, get_peft_model  # noqa: E402
 
 try:  # optional: shows (and pins) the BLAS pool NumPy really uses
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -80,13 +91,17 @@ except ImportError:
     BLAS = "threadpoolctl not installed; NumPy's BLAS follows " + ", ".join(
         f"{v}={os.environ.get(v, 'unset')}" for v in THREAD_VARS)
 
-torch = None
+torch = peft = None
 if not args.no_torch:
     try:
         import torch
         torch.set_num_threads(THREADS)
     except ImportError:
         torch = None
+    try:
+        import peft
+    except ImportError:
+        peft = None
 
 
 def now():
@@ -225,6 +240,38 @@ def torch_gpt(cfg):
     return TorchGPT()
 
 
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large float32 product a @ b (n x n each) with NumPy: the machine's peak."""
+    rng = np.random.default_rng(0)
+    a, b = (backend.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    a @ b  # warm-up: BLAS threads, first touch
+    times = []
+    for _ in range(repeats):
+        t0 = now()
+        a @ b
+        times.append(now() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def step_matmul_flops(cfg, batch: int) -> int:
+    """FLOPs (2 per multiply-add) of every matrix product in one full fine-tuning step."""
+    n, d, t, v = batch * cfg.block_size, cfg.n_embd, cfg.block_size, cfg.vocab_size
+    linear = 2 * n * (4 * d * d + 2 * d * 4 * d)          # q, k, v, out_proj, fc1, fc2 forward
+    attention = 2 * 2 * batch * t * t * d                  # q kᵀ and P v, all heads together
+    per_layer = 3 * linear + 3 * attention                # backward: 2 products per forward one
+    return cfg.n_layer * per_layer + 3 * 2 * n * d * v    # + lm_head
+
+
+def torch_lora(tmodel):
+    """PEFT's LoRA on the torch twin (same r, alpha, targets); only the adapters trainable."""
+    config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["lora_alpha"],
+                             target_modules=list(LORA["target_modules"]))
+    tmodel = peft.inject_adapter_in_model(config, tmodel)
+    for name, p in tmodel.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return tmodel
+
+
 def bench_size(size, warmup, steps):
     n_layer, n_head, n_embd, context, batch, vocab = SIZES[size]
     cfg = GPTConfig(vocab_size=vocab, block_size=context, n_layer=n_layer, n_head=n_head,
@@ -232,21 +279,37 @@ def bench_size(size, warmup, steps):
     model = GPT(cfg, seed=0)
     data = np.random.default_rng(1234).integers(0, vocab, size=(warmup + steps, batch, context + 1))
     xs, ys = np.ascontiguousarray(data[..., :-1]), np.ascontiguousarray(data[..., 1:])
-    steps_by_name = {"lora_numpy": lora_numpy_step(model, list(model.parameters()))}
+    lora_model = get_peft_model(GPT(cfg, seed=0), LoraConfig(**LORA))
+    steps_by_name = {"lora_numpy": lora_numpy_step(model, list(model.parameters())),
+                     "LoRA np": lora_numpy_step(lora_model, [p for p in lora_model.parameters()
+                                                             if p.requires_grad])}
     if torch is not None:
-        tmodel = torch_gpt(cfg)
-        with torch.no_grad():  # the same initial weights, so the first losses must agree
-            for name, p in model.named_parameters():
-                tmodel.get_parameter(name).copy_(torch.from_numpy(backend.to_numpy(p.data)))
+        def twin():  # the same initial weights, so the first losses must agree
+            tmodel = torch_gpt(cfg)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    tmodel.get_parameter(name).copy_(torch.from_numpy(backend.to_numpy(p.data)))
+            return tmodel
+        tmodel = twin()
         steps_by_name["torch"] = torch_step(tmodel, list(tmodel.parameters()))
+        if peft is not None:  # lora_B starts at 0 in both, so the first losses agree too
+            tlora = torch_lora(twin())
+            steps_by_name["LoRA peft"] = torch_step(tlora, [p for p in tlora.parameters()
+                                                            if p.requires_grad])
     row = {"size": size, "config": dict(zip(("n_layer", "n_head", "n_embd", "context", "batch",
                                              "vocab"), SIZES[size])),
            "params": sum(int(np.prod(p.shape)) for p in model.parameters()),
            "warmup": warmup, "steps": steps}
     for name, ms in measure(steps_by_name, lambda i: (xs[i], ys[i]), warmup, steps).items():
         row[name] = {**ms, "tokens_per_s": batch * context / ms["step"] * 1000}
-    if torch is not None:
-        row["ratio"] = {k: row["lora_numpy"][k] / row["torch"][k] for k in ("step",) + PHASES}
+    ratio = lambda a, b: {k: row[a][k] / row[b][k] for k in ("step",) + PHASES}  # noqa: E731
+    row["lora/full"] = ratio("LoRA np", "lora_numpy")
+    if "torch" in row:
+        row["ratio"] = ratio("lora_numpy", "torch")
+    if "LoRA peft" in row:
+        row["lora ratio"] = ratio("LoRA np", "LoRA peft")
+    row["matmul_flops"] = step_matmul_flops(cfg, batch)
+    row["fraction_of_peak"] = row["matmul_flops"] / (row["lora_numpy"]["step"] / 1000) / PEAK
     return row
 
 
@@ -267,6 +330,11 @@ def main():
         print(f"torch {torch.__version__} eager, set_num_threads({torch.get_num_threads()})")
     else:
         print("torch: " + ("skipped (--no-torch)" if args.no_torch else "not installed"))
+    print("peft " + (peft.__version__ if peft is not None else "not installed: no PEFT LoRA rows"))
+    print(f"LoRA: {LORA}")
+    global PEAK
+    PEAK = matmul_peak_flops()
+    print(f"matrix-product peak (NumPy, 2048^3 float32, median of 5): {PEAK / 1e9:.1f} GFLOP/s")
     print(f"AdamW lr={HP['lr']} betas={HP['betas']} eps={HP['eps']} wd={HP['weight_decay']} "
           f"(matrices), clip {HP['grad_clip']}; median ms over timed steps\n")
     print(f"{'size':<8}{'impl':<12}{'ms/step':>9}{'fwd':>9}{'bwd':>9}{'opt':>9}  "
@@ -283,11 +351,20 @@ def main():
         if "torch" in row:
             print_row(size, "torch", row["torch"])
             print_row(size, "np/torch", row["ratio"], ratio=True)
+        print_row(size, "LoRA np", row["LoRA np"])
+        if "LoRA peft" in row:
+            print_row(size, "LoRA peft", row["LoRA peft"])
+            print_row(size, "np/peft", row["lora ratio"], ratio=True)
+        print_row(size, "lora/full", row["lora/full"], ratio=True)
+        print(f"{size:<8}full step: {row['matmul_flops'] / 1e9:.2f} GFLOP of matrix products, "
+              f"{row['fraction_of_peak']:.0%} of the peak", flush=True)
         rows.append(row)
     if args.json:
         meta = {"numpy": np.__version__, "backend": backend.name, "threads": THREADS,
                 "threads_from": THREADS_FROM, "blas": BLAS, "python": platform.python_version(),
-                "torch": torch.__version__ if torch is not None else None, "hyperparameters": HP}
+                "torch": torch.__version__ if torch is not None else None, "hyperparameters": HP,
+                "peft": peft.__version__ if peft is not None else None, "lora": LORA,
+                "matmul_peak_flops": PEAK}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "sizes": rows}, f, indent=2,
                       default=lambda o: o.item() if hasattr(o, "item") else str(o))

@@ -82,9 +82,18 @@ def run_backward(root, grad, retain_graph: bool = False) -> None:
             continue
         if node._retains_grad:
             node.grad = g if node.grad is None else node.grad + g
-        for parent, parent_grad in zip(node._prev, node._backward(g)):
+        parent_grads = tuple(node._backward(g))
+        if len(parent_grads) != len(node._prev):  # zip would silently drop the extra ones
+            raise RuntimeError(f"the backward of op '{node._op}' returned {len(parent_grads)} "
+                               f"gradients for {len(node._prev)} inputs: return one per parent, "
+                               "in the order of the parents given to Tensor.from_op (None if unused)")
+        for parent, parent_grad in zip(node._prev, parent_grads):
             if parent_grad is not None and parent.requires_grad:
+                if parent_grad.shape != parent.data.shape:
+                    raise RuntimeError(f"the backward of op '{node._op}' returned a gradient of "
+                                       f"shape {parent_grad.shape} for an input of shape "
+                                       f"{parent.data.shape}: check the order of its gradients")
                 key = id(parent)
                 grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
         if not retain_graph:  # drop the closure and with it every array it saved
-            node._backward, node._prev, node._freed = None, (), True
+            node._backward, node._prev, node._saved, node._freed = None, (), (), True

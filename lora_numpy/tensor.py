@@ -43,7 +43,7 @@ class Tensor:
     across calls until the user clears it.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_prev", "_backward", "_op", "_freed",
+    __slots__ = ("data", "grad", "requires_grad", "_prev", "_backward", "_op", "_saved", "_freed",
                  "_retains_grad", "__weakref__")
     # Make `ndarray + Tensor` call Tensor.__radd__ instead of NumPy's elementwise loop.
     __array_ufunc__ = None
@@ -57,6 +57,7 @@ class Tensor:
         self._prev = ()
         self._backward = None
         self._op = ""
+        self._saved = ()
         self._freed = False
         self._retains_grad = False
 
@@ -72,10 +73,6 @@ class Tensor:
     @property
     def ndim(self):
         return self.data.ndim
-
-    @property
-    def is_leaf(self) -> bool:
-        return self._backward is None and not self._freed
 
     def numel(self) -> int:
         return int(self.data.size)
@@ -129,14 +126,22 @@ class Tensor:
         return a, b
 
     @staticmethod
-    def _result(data, parents, backward, op) -> "Tensor":
-        """Wrap ``data``; record the node only if a gradient can flow back through it."""
+    def from_op(data, parents: tuple, backward, op: str, saved: tuple = ()) -> "Tensor":
+        """The output of an op: how every op in tensor.py and functional.py records itself.
+
+        ``data`` is the result array; ``parents`` the input tensors; ``backward(g)`` maps the
+        gradient of the output to one gradient per parent, in the order of ``parents`` (None
+        for a parent that needs none; autograd checks the count and the shapes); ``op`` names
+        the node. ``saved`` lists the arrays the backward keeps alive (for memory accounting;
+        it changes nothing here). The node is recorded only if a gradient can flow back.
+        """
         out = Tensor.__new__(Tensor)
         out.data, out.grad, out._freed, out._retains_grad = data, None, False, False
         if autograd.grad_enabled and any(p.requires_grad for p in parents):
-            out.requires_grad, out._prev, out._backward, out._op = True, parents, backward, op
+            out.requires_grad, out._prev, out._backward, out._op = True, tuple(parents), backward, op
+            out._saved = saved
         else:
-            out.requires_grad, out._prev, out._backward, out._op = False, (), None, ""
+            out.requires_grad, out._prev, out._backward, out._op, out._saved = False, (), None, "", ()
         return out
 
     # ---- backward ---------------------------------------------------------------------
@@ -168,7 +173,7 @@ class Tensor:
         def backward(g):  # d(a+b)/da = 1, d(a+b)/db = 1
             return (unbroadcast(g, a.shape) if a.requires_grad else None,
                     unbroadcast(g, b.shape) if b.requires_grad else None)
-        return Tensor._result(a.data + b.data, (a, b), backward, "add")
+        return Tensor.from_op(a.data + b.data, (a, b), backward, "add")
 
     def __sub__(self, other):
         a, b = self._operands(other)
@@ -176,7 +181,7 @@ class Tensor:
         def backward(g):  # d(a-b)/da = 1, d(a-b)/db = -1
             return (unbroadcast(g, a.shape) if a.requires_grad else None,
                     unbroadcast(-g, b.shape) if b.requires_grad else None)
-        return Tensor._result(a.data - b.data, (a, b), backward, "sub")
+        return Tensor.from_op(a.data - b.data, (a, b), backward, "sub")
 
     def __mul__(self, other):
         a, b = self._operands(other)
@@ -184,7 +189,7 @@ class Tensor:
         def backward(g):  # d(ab)/da = b, d(ab)/db = a
             return (unbroadcast(g * b.data, a.shape) if a.requires_grad else None,
                     unbroadcast(g * a.data, b.shape) if b.requires_grad else None)
-        return Tensor._result(a.data * b.data, (a, b), backward, "mul")
+        return Tensor.from_op(a.data * b.data, (a, b), backward, "mul")
 
     def __truediv__(self, other):
         a, b = self._operands(other)
@@ -194,7 +199,7 @@ class Tensor:
         def backward(g):  # d(a/b)/da = 1/b, d(a/b)/db = -a/b²
             return (unbroadcast(g / b.data, a.shape) if a.requires_grad else None,
                     unbroadcast(-g * a.data / (b.data * b.data), b.shape) if b.requires_grad else None)
-        return Tensor._result(a.data / b.data, (a, b), backward, "div")
+        return Tensor.from_op(a.data / b.data, (a, b), backward, "div")
 
     def __rsub__(self, other):
         return self._lift(other) - self
@@ -207,7 +212,7 @@ class Tensor:
 
         def backward(g):  # d(-a)/da = -1
             return (-g,)
-        return Tensor._result(-a.data, (a,), backward, "neg")
+        return Tensor.from_op(-a.data, (a,), backward, "neg")
 
     def __pow__(self, exponent):
         if isinstance(exponent, Tensor) or not isinstance(exponent, (int, float)):
@@ -217,7 +222,7 @@ class Tensor:
 
         def backward(g):  # d(a^p)/da = p a^(p-1)
             return (g * (exponent * a.data ** (exponent - 1)),)
-        return Tensor._result(a.data ** exponent, (a,), backward, "pow")
+        return Tensor.from_op(a.data ** exponent, (a,), backward, "pow")
 
     __radd__ = __add__  # a + b = b + a, exactly, in floating point too
     __rmul__ = __mul__
@@ -234,35 +239,35 @@ class Tensor:
 
         def backward(g):  # d(e^a)/da = e^a
             return (g * out,)
-        return Tensor._result(out, (a,), backward, "exp")
+        return Tensor.from_op(out, (a,), backward, "exp")
 
     def log(self):
         a = self
 
         def backward(g):  # d(log a)/da = 1/a
             return (g / a.data,)
-        return Tensor._result(backend.xp.log(a.data), (a,), backward, "log")
+        return Tensor.from_op(backend.xp.log(a.data), (a,), backward, "log")
 
     def tanh(self):
         a, out = self, backend.xp.tanh(self.data)
 
         def backward(g):  # d(tanh a)/da = 1 - tanh²(a)
             return (g * (1 - out * out),)
-        return Tensor._result(out, (a,), backward, "tanh")
+        return Tensor.from_op(out, (a,), backward, "tanh")
 
     def sqrt(self):
         a, out = self, backend.xp.sqrt(self.data)
 
         def backward(g):  # d(√a)/da = 1 / (2√a)
             return (g * 0.5 / out,)
-        return Tensor._result(out, (a,), backward, "sqrt")
+        return Tensor.from_op(out, (a,), backward, "sqrt")
 
     def relu(self):
         a = self
 
         def backward(g):  # d(max(a,0))/da = 1 where a > 0, else 0
             return (g * (a.data > 0),)
-        return Tensor._result(backend.xp.maximum(a.data, 0), (a,), backward, "relu")
+        return Tensor.from_op(backend.xp.maximum(a.data, 0), (a,), backward, "relu")
 
     def masked_fill(self, mask, value: float):
         """Put ``value`` where ``mask`` is True; no gradient flows to the filled places."""
@@ -271,7 +276,7 @@ class Tensor:
 
         def backward(g):  # 0 where filled, 1 elsewhere
             return (unbroadcast(backend.xp.where(mask, 0, g), a.shape),)
-        return Tensor._result(backend.xp.where(mask, backend.xp.asarray(value, dtype=a.dtype), a.data),
+        return Tensor.from_op(backend.xp.where(mask, backend.xp.asarray(value, dtype=a.dtype), a.data),
                               (a,), backward, "masked_fill")
 
     # ---- reductions -------------------------------------------------------------------
@@ -282,7 +287,7 @@ class Tensor:
             if not keepdims and axis is not None:
                 g = backend.xp.expand_dims(g, axis)
             return (backend.xp.broadcast_to(g, a.shape).copy(),)
-        return Tensor._result(a.data.sum(axis=axis, keepdims=keepdims), (a,), backward, "sum")
+        return Tensor.from_op(a.data.sum(axis=axis, keepdims=keepdims), (a,), backward, "sum")
 
     def mean(self, axis=None, keepdims: bool = False):
         total = self.sum(axis=axis, keepdims=keepdims)
@@ -298,7 +303,7 @@ class Tensor:
             hit = a.data == top
             return (g * hit / hit.sum(axis=axis, keepdims=True),)
         out = top if keepdims else (top.reshape(()) if axis is None else top.squeeze(axis))
-        return Tensor._result(out, (a,), backward, "max")
+        return Tensor.from_op(out, (a,), backward, "max")
 
     # ---- shape ------------------------------------------------------------------------
     def reshape(self, *shape):
@@ -307,7 +312,7 @@ class Tensor:
 
         def backward(g):  # reshaping moves no values, so neither does its gradient
             return (g.reshape(a.shape),)
-        return Tensor._result(a.data.reshape(shape), (a,), backward, "reshape")
+        return Tensor.from_op(a.data.reshape(shape), (a,), backward, "reshape")
 
     def transpose(self, dim0: int = -2, dim1: int = -1):
         """Swap two axes (PyTorch's ``transpose``); a view, no copy."""
@@ -315,7 +320,7 @@ class Tensor:
 
         def backward(g):  # swapping back routes each gradient to its element
             return (g.swapaxes(dim0, dim1),)
-        return Tensor._result(a.data.swapaxes(dim0, dim1), (a,), backward, "transpose")
+        return Tensor.from_op(a.data.swapaxes(dim0, dim1), (a,), backward, "transpose")
 
     @property
     def T(self):
@@ -324,7 +329,7 @@ class Tensor:
 
         def backward(g):
             return (g.T,)
-        return Tensor._result(a.data.T, (a,), backward, "T")
+        return Tensor.from_op(a.data.T, (a,), backward, "T")
 
     def __getitem__(self, index):
         a = self
@@ -340,7 +345,7 @@ class Tensor:
             else:
                 backend.scatter_add(full, index, g)
             return (full,)
-        return Tensor._result(a.data[index], (a,), backward, "getitem")
+        return Tensor.from_op(a.data[index], (a,), backward, "getitem")
 
 
 def _is_basic_index(index) -> bool:
@@ -370,8 +375,11 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
         if b.requires_grad:
             gb = unbroadcast(backend.xp.matmul(a2.swapaxes(-1, -2), g2), b2.shape).reshape(b.shape)
         return ga, gb
+    # Output shape, NumPy's rule: broadcast batch axes, then (rows of a) if a is a matrix, then
+    # (columns of b) if b is a matrix; the axis added above to a 1-D operand is dropped again,
+    # so (n,) @ (n, m) -> (m,), (k, n) @ (n,) -> (k,), (n,) @ (n,) -> ().
     out_shape = out2.shape[:-2] + out2.shape[-2:-1] * (a.ndim > 1) + out2.shape[-1:] * (b.ndim > 1)
-    return Tensor._result(out2.reshape(out_shape), (a, b), backward, "matmul")
+    return Tensor.from_op(out2.reshape(out_shape), (a, b), backward, "matmul")
 
 
 def cat(tensors, axis: int = 0) -> Tensor:
@@ -386,7 +394,7 @@ def cat(tensors, axis: int = 0) -> Tensor:
     def backward(g):  # each input gets its own slice of the gradient
         return tuple(g[lead + (slice(lo, hi),)] if t.requires_grad else None
                      for t, lo, hi in zip(tensors, bounds[:-1], bounds[1:]))
-    return Tensor._result(backend.xp.concatenate([t.data for t in tensors], axis=axis), tensors,
+    return Tensor.from_op(backend.xp.concatenate([t.data for t in tensors], axis=axis), tensors,
                           backward, "cat")
 
 
@@ -397,7 +405,7 @@ def stack(tensors, axis: int = 0) -> Tensor:
     def backward(g):  # input i gets slice i of the new axis
         return tuple(backend.xp.take(g, i, axis=axis) if t.requires_grad else None
                      for i, t in enumerate(tensors))
-    return Tensor._result(backend.xp.stack([t.data for t in tensors], axis=axis), tensors,
+    return Tensor.from_op(backend.xp.stack([t.data for t in tensors], axis=axis), tensors,
                           backward, "stack")
 
 
@@ -410,4 +418,4 @@ def where(condition, a, b) -> Tensor:
     def backward(g):  # the gradient follows whichever operand was picked
         return (unbroadcast(backend.xp.where(condition, g, 0), a.shape) if a.requires_grad else None,
                 unbroadcast(backend.xp.where(condition, 0, g), b.shape) if b.requires_grad else None)
-    return Tensor._result(backend.xp.where(condition, a.data, b.data), (a, b), backward, "where")
+    return Tensor.from_op(backend.xp.where(condition, a.data, b.data), (a, b), backward, "where")

@@ -86,7 +86,7 @@ def test_gradcheck_catches_a_wrong_backward(t64):
     x = t64(3, 4)
 
     def wrong_square(x):  # claims d(x²)/dx = x instead of 2x
-        out = Tensor._result(x.data ** 2, (x,), lambda g: (g * x.data,), "bad")
+        out = Tensor.from_op(x.data ** 2, (x,), lambda g: (g * x.data,), "bad")
         return out
     with pytest.raises(GradcheckError, match="gradient mismatch"):
         gradcheck(wrong_square, [x])
@@ -128,9 +128,32 @@ def test_backward_skips_branches_that_need_no_gradient():
     x = Tensor(np.ones(3), requires_grad=True)
     y = frozen * 2  # no input requires grad: no node is recorded
     assert not y.requires_grad and y._backward is None
-    z = Tensor._result(x.data + y.data, (x, y), lambda g: (calls.append(1) or g, None), "probe")
+    z = Tensor.from_op(x.data + y.data, (x, y), lambda g: (calls.append(1) or g, None), "probe")
     z.sum().backward()
     assert calls == [1] and frozen.grad is None
+
+
+def test_from_op_checks_the_count_and_shapes_of_the_gradients():
+    x = Tensor(np.ones(3), requires_grad=True)
+    y = Tensor(np.ones((2, 3)), requires_grad=True)
+    too_few = Tensor.from_op(x.data + y.data, (x, y), lambda g: (g.sum(axis=0),), "too_few")
+    with pytest.raises(RuntimeError, match="returned 1 gradients for 2 inputs"):
+        too_few.sum().backward()
+    swapped = Tensor.from_op(x.data + y.data, (x, y), lambda g: (g, g.sum(axis=0)), "swapped")
+    with pytest.raises(RuntimeError, match=r"shape \(2, 3\) for an input of shape \(3,\)"):
+        swapped.sum().backward()
+    right = Tensor.from_op(x.data + y.data, (x, y), lambda g: (g.sum(axis=0), g), "add_rows")
+    right.sum().backward()
+    assert np.array_equal(x.grad, [2.0, 2.0, 2.0]) and np.array_equal(y.grad, np.ones((2, 3)))
+
+
+def test_from_op_keeps_saved_arrays_until_backward_frees_them():
+    x = Tensor(np.ones(3), requires_grad=True)
+    out = Tensor.from_op(x.data * 2, (x,), lambda g: (2 * g,), "double", saved=(x.data,))
+    assert out._saved == (x.data,)
+    out.sum().backward()
+    assert out._saved == ()
+    assert Tensor.from_op(np.ones(2), (Tensor(np.ones(2)),), None, "const", saved=(1,))._saved == ()
 
 
 def test_ten_thousand_op_chain_backpropagates():
