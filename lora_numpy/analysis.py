@@ -19,12 +19,15 @@ import numpy as np
 from . import backend
 
 
-def adapter_factors(layer):
-    """(A, B, s) of a LoRA layer as NumPy arrays: A (r, d_in), B (d_out, r), ΔW = s · B A.
+def adapter_factors(layer, adapter_name: str | None = None):
+    """(A, B, s) of a LoRA layer's adapter (the active one by default) as NumPy arrays:
+    A (r, d_in), B (d_out, r), ΔW = s · B A.
 
     The one place that knows where a layer keeps its adapter, so that analyses need not.
     """
-    return backend.to_numpy(layer.lora_A.data), backend.to_numpy(layer.lora_B.data), float(layer.scaling)
+    name = layer.active_adapter if adapter_name is None else adapter_name
+    A, B = layer.factors(name)
+    return backend.to_numpy(A), backend.to_numpy(B), float(layer.scaling[name])
 
 
 def right_singular_vectors(A) -> np.ndarray:

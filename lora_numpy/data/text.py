@@ -25,7 +25,7 @@ def random_indices(rng: np.random.Generator, high: int, batch_size: int) -> np.n
     if not isinstance(rng, np.random.Generator):
         raise TypeError(
             f"rng must be a numpy.random.Generator, got {type(rng).__name__}; "
-            "make one with lora_numpy.backend.rng(seed)"
+            "make one with np.random.default_rng(seed)"
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
