@@ -42,11 +42,12 @@ CLASS_NAMES = tuple(SECTION_TOPICS)
 _UNDERLINE = set("*=-~^")  # the characters of a heading's underline (an empty line is one too)
 
 
-def section_paragraphs(min_chars: int = 40) -> list:
+def section_paragraphs(max_chars: int | None = None, min_chars: int = 40) -> list:
     """(paragraph, class id) pairs from the installed ``pydoc_data.topics``: paragraphs split
-    at blank lines, whitespace collapsed to single spaces, headings and underlines dropped,
-    duplicates kept once (dropped if they carry two labels). Topics the table above does not
-    name (a newer Python may add some) are skipped."""
+    at blank lines, whitespace collapsed to single spaces, heading underlines dropped, cut to
+    ``max_chars`` (what the model will read), then duplicates kept once (dropped if they carry
+    two labels), so no input appears in two splits. Topics the table above does not name (a
+    newer Python may add some) are skipped."""
     try:
         from pydoc_data.topics import topics
     except ImportError as err:
@@ -56,7 +57,7 @@ def section_paragraphs(min_chars: int = 40) -> list:
         for name in names.split():
             for block in topics.get(name, "").split("\n\n"):
                 lines = [ln for ln in block.split("\n") if not set(ln.strip()) <= _UNDERLINE]
-                text = " ".join(" ".join(lines).split())
+                text = " ".join(" ".join(lines).split())[:max_chars]
                 if len(text) >= min_chars:
                     labels.setdefault(text, set()).add(label)
     return [(text, next(iter(ls))) for text, ls in sorted(labels.items()) if len(ls) == 1]
@@ -76,13 +77,13 @@ class DocSectionsTask:
 
     def __init__(self, block_size: int = 96, val_fraction: float = 0.15, test_fraction: float = 0.15,
                  seed: int = 0):
-        pairs = section_paragraphs()
+        pairs = section_paragraphs(max_chars=block_size)
         self.tokenizer, self.block_size = text_tokenizer(), block_size
         self.class_names, self.n_classes = CLASS_NAMES, len(CLASS_NAMES)
         order = np.random.default_rng(seed).permutation(len(pairs))
         n_val, n_test = int(len(pairs) * val_fraction), int(len(pairs) * test_fraction)
         cut = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
-        self.texts = {s: [pairs[i][0][:block_size] for i in idx] for s, idx in cut.items()}
+        self.texts = {s: [pairs[i][0] for i in idx] for s, idx in cut.items()}
         self._arrays = {}
         for split, idx in cut.items():
             x, lengths = encode_padded(self.tokenizer, self.texts[split], block_size)
