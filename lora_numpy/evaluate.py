@@ -66,3 +66,53 @@ def answer_loss(model, task, split: str = "test", limit: int = 2000) -> float:
     targets[:, :prompts.shape[1] - 1] = -100
     with evaluating(model):
         return F.cross_entropy(model(seqs[:, :-1])[0], targets).item()
+
+
+def greedy_until_stop(model, prompts: list, stop_id: int, max_new_tokens: int,
+                      pad_id: int | None = None) -> list:
+    """Greedy decoding of a causal LM from prompts of different lengths, each stopping at its
+    own stop token.
+
+    Args:
+        prompts: list of 1-D int arrays (token ids), lengths may differ.
+        stop_id: the token that ends an answer (not included in the result).
+        max_new_tokens: the most tokens generated per prompt.
+        pad_id: fills the buffer after each row's end (default: stop_id).
+    Returns:
+        a list of 1-D int64 arrays, the generated tokens of each prompt before its stop token.
+
+    All rows share one right-padded buffer, and step k reads row i's logits at its own last
+    position. Causal attention makes this exact: a position never sees the padding after it,
+    so one forward pass per step serves every row, whatever its length.
+    """
+    if getattr(getattr(model, "config", None), "causal", True) is False:
+        raise ValueError("greedy decoding needs a causal (decoder) model; this one has causal=False")
+    lengths = np.array([len(p) for p in prompts])
+    width = int(lengths.max()) + max_new_tokens
+    block_size = model.config.block_size
+    if width > block_size + 1:
+        raise ValueError(f"prompt + {max_new_tokens} new tokens need {width - 1} positions, "
+                         f"more than block_size {block_size}; lower max_new_tokens")
+    buffer = np.full((len(prompts), width), stop_id if pad_id is None else pad_id, dtype=np.int64)
+    for row, p in enumerate(prompts):
+        buffer[row, :len(p)] = p
+    done = np.zeros(len(prompts), dtype=bool)
+    cursor = lengths.copy()  # where each row's next token goes
+    rows = np.arange(len(prompts))
+    with evaluating(model):
+        for _ in range(max_new_tokens):
+            end = min(int(cursor.max()), block_size)
+            logits = backend.to_numpy(model(buffer[:, :end])[0].data)
+            nxt = logits[rows, np.minimum(cursor, end) - 1].argmax(-1)
+            active = ~done & (cursor < width)
+            buffer[rows[active], cursor[active]] = nxt[active]
+            done |= active & (nxt == stop_id)
+            cursor += active
+            if done.all() or not active.any():
+                break
+    out = []
+    for row, p in enumerate(prompts):
+        generated = buffer[row, len(p):cursor[row]]
+        stops = np.flatnonzero(generated == stop_id)
+        out.append(generated[:stops[0]] if len(stops) else generated)
+    return out

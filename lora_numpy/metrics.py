@@ -5,10 +5,17 @@
 * :func:`confusion_matrix` and :func:`classification_report` – for classifiers, where accuracy
   alone misleads on imbalanced classes: a model that always predicts the most common class can
   score well while never recognising the others.
+* :func:`entity_scores` (with :func:`bio_entities`) – entity-level precision, recall and F1 for
+  named-entity recognition, as seqeval defines them; :func:`token_accuracy` beside it, to show
+  why per-token scores flatter.
+* :func:`chrf` – character n-gram F-score for generated text, as sacrebleu computes it.
 
 Inputs may be lists, NumPy or CuPy arrays; they are brought to the host first.
 """
 from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -116,3 +123,128 @@ def classification_report(y_true, y_pred, n_classes: int) -> dict:
         "macro_recall": float(recall.mean()),
         "macro_f1": float(f1.mean()),
     }
+
+
+# ---- sequence labelling (NER) -------------------------------------------------------------------
+
+def bio_entities(tags) -> list:
+    """The entities of one BIO tag sequence as (type, start, end) with ``end`` inclusive, read
+    the way seqeval (and CoNLL's conlleval) read them in their default mode: an entity starts at
+    ``B-X``, or at ``I-X`` after ``O`` or after a tag of another type, and ends before the next
+    tag that is ``O``, ``B-`` or of another type. So ``B-PER I-LOC`` is two entities."""
+    entities, start, kind = [], None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, new_kind = tag.partition("-")
+        if prefix not in ("B", "I", "O") or (prefix == "O") != (tag == "O"):
+            raise ValueError(f"tag {tag!r} at position {i} is not BIO (O, B-TYPE or I-TYPE)")
+        if start is not None and (prefix != "I" or new_kind != kind):
+            entities.append((kind, start, i - 1))
+            start = None
+        if start is None and prefix != "O":
+            start, kind = i, new_kind
+    return entities
+
+
+@dataclass
+class EntityScores:
+    """Entity-level scores (micro-averaged over types, as seqeval's default), and per type."""
+    precision: float
+    recall: float
+    f1: float
+    n_true: int        # entities in the references
+    n_pred: int        # entities predicted
+    n_correct: int     # predicted entities whose span and type are both exact
+    per_type: dict     # type -> (precision, recall, f1, support)
+
+
+def _prf(correct: int, n_pred: int, n_true: int) -> tuple:
+    p = correct / n_pred if n_pred else 0.0
+    r = correct / n_true if n_true else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def entity_scores(true_tags, pred_tags) -> EntityScores:
+    """Entity-level precision, recall and F1 of predicted BIO tags (seqeval's definition).
+
+    An entity counts as correct only if the prediction has an entity of the same type with
+    exactly the same start and end: a wrong type, one character too many, or an entity split in
+    two are all misses (and the wrong piece is a false positive too). With C correct entities,
+    P predicted and T true ones:  precision = C / P,  recall = C / T,
+    F1 = 2 · precision · recall / (precision + recall)  (0 when a denominator is 0).
+
+    Args:
+        true_tags, pred_tags: lists of sentences, each a list of tag strings of equal length.
+    """
+    if len(true_tags) != len(pred_tags):
+        raise ValueError(f"{len(true_tags)} true sentences but {len(pred_tags)} predicted")
+    true_set, pred_set = set(), set()
+    for row, (t, p) in enumerate(zip(true_tags, pred_tags)):
+        if len(t) != len(p):
+            raise ValueError(f"sentence {row}: {len(t)} true tags but {len(p)} predicted")
+        true_set.update((row, *e) for e in bio_entities(t))
+        pred_set.update((row, *e) for e in bio_entities(p))
+    correct = true_set & pred_set
+    per_type = {}
+    for kind in sorted({e[1] for e in true_set | pred_set}):
+        count = lambda s: sum(e[1] == kind for e in s)  # noqa: E731
+        per_type[kind] = (*_prf(count(correct), count(pred_set), count(true_set)), count(true_set))
+    return EntityScores(*_prf(len(correct), len(pred_set), len(true_set)), len(true_set),
+                        len(pred_set), len(correct), per_type)
+
+
+def token_accuracy(true_ids, pred_ids, ignore_index: int = -100) -> float:
+    """Share of labelled positions (true label != ignore_index) whose label is right.
+
+    On NER it flatters: most characters are ``O``, so a model that finds no entity at all
+    already scores the share of ``O``, and one that gets every entity wrong by one character
+    still scores nearly 100%."""
+    true, pred = backend.to_numpy(true_ids), backend.to_numpy(pred_ids)
+    if true.shape != pred.shape:
+        raise ValueError(f"true_ids {true.shape} and pred_ids {pred.shape} differ in shape")
+    counted = true != ignore_index
+    if not counted.any():
+        raise ValueError("token_accuracy needs at least one labelled position")
+    return float((true[counted] == pred[counted]).mean())
+
+
+# ---- generated text (translation) ---------------------------------------------------------------
+
+def _char_ngrams(text: str, n: int) -> Counter:
+    return Counter(text[i:i + n] for i in range(len(text) - n + 1))
+
+
+def chrf(hypotheses, references, char_order: int = 6, beta: float = 2.0) -> float:
+    """Corpus chrF (Popović 2015) as sacrebleu's ``CHRF()`` computes it by default
+    (char_order 6, word_order 0, β = 2, whitespace removed, no lowercasing): 0..100.
+
+    Whitespace is deleted from each string, then for every order n = 1..6 the character
+    n-grams of hypothesis and reference are counted; a match is min(count in hyp, count in ref).
+    Matches, hypothesis n-grams and reference n-grams are summed over the whole corpus. Per
+    order: P_n = matches / hyp n-grams, R_n = matches / ref n-grams; the orders where both
+    counts are non-zero are averaged (P̄, R̄: the "effective order"), and
+
+        chrF = 100 · (1 + β²) · P̄ · R̄ / (β² · P̄ + R̄),
+
+    so β = 2 weighs recall twice as much as precision.
+
+    Args:
+        hypotheses, references: equal-length lists of strings (one reference per hypothesis).
+    """
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"chrf needs as many hypotheses as references (at least one), got "
+                         f"{len(hypotheses)} and {len(references)}")
+    stats = np.zeros((char_order, 3))  # per order: hyp n-grams, ref n-grams, matches
+    for hyp, ref in zip(hypotheses, references):
+        hyp, ref = "".join(hyp.split()), "".join(ref.split())
+        for n in range(1, char_order + 1):
+            h, r = _char_ngrams(hyp, n), _char_ngrams(ref, n)
+            stats[n - 1] += (sum(h.values()), sum(r.values()), sum((h & r).values()))
+    usable = (stats[:, 0] > 0) & (stats[:, 1] > 0)
+    if not usable.any():
+        return 0.0
+    precision = (stats[usable, 2] / stats[usable, 0]).mean()
+    recall = (stats[usable, 2] / stats[usable, 1]).mean()
+    if precision + recall == 0:
+        return 0.0
+    factor = beta ** 2
+    return float(100 * (1 + factor) * precision * recall / (factor * precision + recall))

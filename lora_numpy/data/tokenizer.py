@@ -25,9 +25,14 @@ class CharTokenizer:
         unk_token: optional character of the vocabulary that stands in for any character outside
             it. Without one, ``encode`` refuses unknown characters, which is the safer default: a
             silent substitution can hide a vocabulary built from the wrong text.
+        mask_token: optional character of the vocabulary that masked-language-model pretraining
+            puts in place of a hidden token (BERT's ``[MASK]``). It must not occur in the text,
+            or the model could not tell a hidden token from a real one. Vocabularies without one
+            are unchanged.
     """
 
-    def __init__(self, chars: str | Iterable[str], unk_token: str | None = None):
+    def __init__(self, chars: str | Iterable[str], unk_token: str | None = None,
+                 mask_token: str | None = None):
         chars = list(dict.fromkeys(chars))  # dict keeps insertion order: a stable dedupe
         for c in chars:
             if not isinstance(c, str) or len(c) != 1:
@@ -42,6 +47,10 @@ class CharTokenizer:
                 "characters"
             )
         self.unk_token = unk_token
+        if mask_token is not None and (mask_token not in self._stoi or mask_token == unk_token):
+            raise ValueError(f"mask_token {mask_token!r} must be a character of the vocabulary "
+                             f"other than unk_token {unk_token!r}")
+        self.mask_token = mask_token
 
         # encode() looks ids up in a table indexed by Unicode code point, so a whole string is
         # translated by one NumPy gather instead of a Python loop over its characters.
@@ -59,6 +68,10 @@ class CharTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return None if self.mask_token is None else self._stoi[self.mask_token]
 
     def encode(self, text: str) -> np.ndarray:
         """``text`` (a string of length T) -> ids, int64 array of shape (T,)."""
@@ -106,11 +119,12 @@ class CharTokenizer:
 
     def to_dict(self) -> dict:
         """A JSON-ready description; ``from_dict`` rebuilds an identical tokenizer from it."""
-        return {"chars": self.chars, "unk_token": self.unk_token}
+        return {"chars": self.chars, "unk_token": self.unk_token, "mask_token": self.mask_token}
 
     @classmethod
     def from_dict(cls, d: dict) -> CharTokenizer:
-        return cls(d["chars"], unk_token=d.get("unk_token"))
+        return cls(d["chars"], unk_token=d.get("unk_token"), mask_token=d.get("mask_token"))
 
     def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size}, unk_token={self.unk_token!r})"
+        mask = "" if self.mask_token is None else f", mask_token={self.mask_token!r}"
+        return f"CharTokenizer(vocab_size={self.vocab_size}, unk_token={self.unk_token!r}{mask})"

@@ -1,4 +1,4 @@
 """Floor 5: models."""
-from .gpt import GPT, GPTConfig, GPTForSequenceClassification
+from .gpt import GPT, GPTConfig, GPTForSequenceClassification, GPTForTokenClassification
 
-__all__ = ["GPT", "GPTConfig", "GPTForSequenceClassification"]
+__all__ = ["GPT", "GPTConfig", "GPTForSequenceClassification", "GPTForTokenClassification"]

@@ -29,6 +29,8 @@ class GPTConfig:
     n_embd: int = 128        # width of the residual stream
     dropout: float = 0.0     # on embeddings and residual branches; 0 keeps steps deterministic
     bias: bool = True        # biases in Linear layers and LayerNorms (GPT-2 has them)
+    causal: bool = True      # True: a decoder (GPT), each position sees only itself and the past;
+    # False: an encoder (BERT), every position sees the whole sequence (train it by masked LM)
 
     def __post_init__(self):
         for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -44,11 +46,15 @@ class GPTConfig:
 
 
 class CausalSelfAttention(Module):
-    """Multi-head attention with separate q/k/v projections (the names LoRA targets)."""
+    """Multi-head attention with separate q/k/v projections (the names LoRA targets).
+
+    Causal for a decoder; with ``config.causal=False`` the same layer is an encoder's
+    bidirectional self-attention (the class keeps nanoGPT's name, as the module paths do)."""
 
     def __init__(self, config: GPTConfig, rng, dropout_rng):
         d = config.n_embd
         self.n_head = config.n_head
+        self.causal = config.causal
         self.q_proj = Linear(d, d, config.bias, rng)
         self.k_proj = Linear(d, d, config.bias, rng)
         self.v_proj = Linear(d, d, config.bias, rng)
@@ -63,14 +69,15 @@ class CausalSelfAttention(Module):
     def forward(self, x):
         b, t, c = x.shape
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        y = F.scaled_dot_product_attention(q, k, v, causal=True)  # softmax(q kᵀ/√d_head) v
+        y = F.scaled_dot_product_attention(q, k, v, causal=self.causal)  # softmax(q kᵀ/√d_head) v
         y = y.transpose(1, 2).reshape(b, t, c)                    # concatenate the heads
         return self.resid_dropout(self.out_proj(y))
 
     def attention_map(self, x):
         """The attention weights (B, n_head, T, T) for input x, as an array (for plots)."""
         with no_grad():
-            return F.attention_weights(self._heads(self.q_proj(x)), self._heads(self.k_proj(x)))
+            return F.attention_weights(self._heads(self.q_proj(x)), self._heads(self.k_proj(x)),
+                                       self.causal)
 
 
 class MLP(Module):
@@ -231,5 +238,34 @@ class GPTForSequenceClassification(Module):
         last = backend.xp.full(b, t - 1) if lengths is None else _check_lengths(lengths, b, t) - 1
         h = self.transformer.hidden_states(ids)
         logits = self.score(h[backend.xp.arange(b), last])
+        loss = None if labels is None else F.cross_entropy(logits, labels, weight=class_weight)
+        return logits, loss
+
+
+class GPTForTokenClassification(Module):
+    """A GPT body with a ``classifier`` head (n_embd -> num_labels) at every position: one label
+    per token, for named-entity recognition (Hugging Face's ``GPT2ForTokenClassification`` and
+    ``BertForTokenClassification`` both call this head ``classifier``; ``score`` is their name for
+    the sequence-level head, so the two heads never share a name).
+
+    With a decoder body (``causal=True``) the label of a token can only use the tokens before it;
+    an encoder body (``causal=False``) sees both sides, which is why BERT is the usual choice.
+    """
+
+    def __init__(self, config: GPTConfig, num_labels: int, seed: int = 0):
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        self.num_labels = num_labels
+        self.transformer = GPT(config, seed)
+        rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[3])
+        self.classifier = Linear(config.n_embd, num_labels, bias=True, rng=rng)
+        self.classifier.weight.data[...] = backend.asarray(
+            rng.normal(0.0, 0.02, size=self.classifier.weight.shape).astype(self.classifier.weight.dtype))
+        self.classifier.bias.data[...] = 0
+
+    def forward(self, idx, labels=None, class_weight=None):
+        """idx (B, T) -> (logits (B, T, num_labels), loss or None); ``labels`` (B, T) hold -100
+        at positions that do not count (padding)."""
+        logits = self.classifier(self.transformer.hidden_states(idx))
         loss = None if labels is None else F.cross_entropy(logits, labels, weight=class_weight)
         return logits, loss
