@@ -71,10 +71,7 @@ class Module:
     def get_submodule(self, path: str) -> "Module":
         module = self
         for part in path.split(".") if path else []:
-            children = dict(module.named_children())
-            if part not in children:
-                raise AttributeError(f"{type(module).__name__} has no sub-module {part!r} (in path {path!r})")
-            module = children[part]
+            module = module[part] if isinstance(module, _Dict) else getattr(module, part)
         return module
 
     # ---- modes and gradients ----------------------------------------------------------

@@ -16,7 +16,9 @@ from ..tensor import Tensor
 from .layers import Linear
 from .module import Module, Parameter
 
-HEAD_NAMES = ("lm_head", "score")  # output heads stay in float, as QLoRA and PEFT leave them
+# The output heads of the models (language model, sequence and token classification): "all-linear"
+# LoRA and 4-bit quantization both leave them alone, as PEFT and QLoRA do.
+HEAD_NAMES = ("lm_head", "score", "classifier")
 # What quantize_linears leaves in float: the output heads, and a LoRA adapter's own factors
 # (stored as Linears named lora_A / lora_B): they are what trains.
 FLOAT_PARTS = HEAD_NAMES + ("lora_A", "lora_B")

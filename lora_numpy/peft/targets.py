@@ -9,13 +9,13 @@ from __future__ import annotations
 import re
 
 from ..nn import Embedding, Linear, Module
+from ..nn.quantized import HEAD_NAMES
 from .config import LoraConfig
 from .embedding import LoraEmbedding
 from .files import ADAPTER_CONTAINERS, to_peft_key
 from .layer import LoraLinear
 from .tuner import BASE, LoraLayer
 
-HEAD_NAMES = ("lm_head", "score")  # output layers that "all-linear" leaves alone, as PEFT does
 LAYER_FOR = {Linear: LoraLinear, Embedding: LoraEmbedding}
 
 
