@@ -20,8 +20,10 @@ import numpy as np
 
 from . import backend
 from .io import atomic_directory, load_arrays, load_json, recover_directory, save_arrays, save_json
-from .models import GPT, GPTConfig, GPTForSequenceClassification
+from .models import GPT, GPTConfig, GPTForSequenceClassification, GPTForTokenClassification
 from .nn import Module
+
+CLASSIFIERS = (GPTForSequenceClassification, GPTForTokenClassification)  # a GPT body plus a head
 
 
 def _check_finite(model: Module) -> None:
@@ -32,18 +34,19 @@ def _check_finite(model: Module) -> None:
 
 
 def save_model(directory, model: Module, extra: dict | None = None) -> Path:
-    """Write ``model.npz`` and ``config.json`` for a GPT or GPTForSequenceClassification.
+    """Write ``model.npz`` and ``config.json`` for a GPT or one of its classifiers.
 
     The folder is replaced whole (other files in it disappear); a non-empty folder that holds
     no ``config.json`` is refused rather than replaced."""
     _check_finite(model)
-    if isinstance(model, GPTForSequenceClassification):
-        meta = {"model": "GPTForSequenceClassification", "num_labels": model.num_labels,
+    if isinstance(model, CLASSIFIERS):
+        meta = {"model": type(model).__name__, "num_labels": model.num_labels,
                 "config": model.transformer.config.to_dict()}
     elif isinstance(model, GPT):
         meta = {"model": "GPT", "config": model.config.to_dict()}
     else:
-        raise TypeError(f"save_model knows GPT and GPTForSequenceClassification, got {type(model).__name__}")
+        raise TypeError(f"save_model knows GPT and {', '.join(c.__name__ for c in CLASSIFIERS)}, "
+                        f"got {type(model).__name__}")
     with atomic_directory(directory, marker="config.json") as tmp:
         save_arrays(tmp / "model.npz", model.state_dict())
         save_json(tmp / "config.json", {**meta, **(extra or {})})
@@ -69,8 +72,8 @@ def load_model(directory):
     config = GPTConfig(**meta["config"])
     if meta["model"] == "GPT":
         model = GPT(config)
-    elif meta["model"] == "GPTForSequenceClassification":
-        model = GPTForSequenceClassification(config, meta["num_labels"])
+    elif meta["model"] in {c.__name__ for c in CLASSIFIERS}:
+        model = next(c for c in CLASSIFIERS if c.__name__ == meta["model"])(config, meta["num_labels"])
     else:
         raise ValueError(f"{directory}/config.json names an unknown model {meta['model']!r}")
     model.load_state_dict(load_arrays(directory / "model.npz"))

@@ -12,7 +12,7 @@ from lora_numpy import io as lio
 from lora_numpy.checkpoint import load_model, save_model
 from lora_numpy.data import ArithmeticTask, SumClassificationTask
 from lora_numpy.evaluate import classification_metrics, exact_match_accuracy
-from lora_numpy.models import GPT, GPTConfig, GPTForSequenceClassification
+from lora_numpy.models import GPT, GPTConfig, GPTForSequenceClassification, GPTForTokenClassification
 from lora_numpy.nn import Linear, Module
 from lora_numpy.optim import SGD, AdamW, cosine_schedule, param_groups_for_weight_decay, set_lr
 from lora_numpy.train import TrainConfig, TrainingDiverged, save_history_csv, train
@@ -413,3 +413,16 @@ def test_classification_metrics_report_keys():
     assert len(report["precision"]) == task.n_classes
     assert sum(report["support"]) == len(task.examples("test")[2])
     assert report["support"] == task.class_counts("test").tolist()
+
+
+@pytest.mark.parametrize("make", [lambda: GPT(tiny(), seed=3),
+                                  lambda: GPTForSequenceClassification(tiny(), 3, seed=3),
+                                  lambda: GPTForTokenClassification(tiny(causal=False), 5, seed=3)],
+                         ids=["GPT", "sequence-classifier", "token-classifier-encoder"])
+def test_every_model_kind_round_trips_through_a_checkpoint(make, tmp_path):
+    model = make()
+    save_model(tmp_path / "ckpt", model)
+    loaded, _ = load_model(tmp_path / "ckpt")
+    assert type(loaded) is type(model)
+    ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 7))
+    np.testing.assert_array_equal(_np(loaded(ids)[0].data), _np(model(ids)[0].data))
