@@ -4,7 +4,7 @@
 * ``text`` – corpora (:func:`stdlib_docs_text`, :func:`load_text_file`) and :class:`TextDataset`,
   random windows for next-token pretraining.
 * ``tasks`` – :class:`ArithmeticTask` and :class:`SumClassificationTask`, small fine-tuning tasks
-  with exact answers and a held-out test split.
+  with exact answers, held-out validation and test splits, and :class:`SkillMixture` of several.
 
 Every random draw takes a ``numpy.random.Generator`` from the caller, so one seed gives the same
 batches every run. The model code moves the arrays to the device.
@@ -14,6 +14,7 @@ from .tasks import (
     IGNORE_INDEX,
     PAD_CHAR,
     ArithmeticTask,
+    SkillMixture,
     SumClassificationTask,
 )
 from .text import TextDataset, load_text_file, stdlib_docs_text
@@ -25,6 +26,7 @@ __all__ = [
     "PAD_CHAR",
     "ArithmeticTask",
     "CharTokenizer",
+    "SkillMixture",
     "SumClassificationTask",
     "TextDataset",
     "load_text_file",

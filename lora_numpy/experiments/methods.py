@@ -1,0 +1,38 @@
+"""Floor 8: the fine-tuning methods the experiments compare, one registry entry each.
+
+A method says how to turn a fresh copy of the base model into the model it trains, and which
+learning rates the fair protocol tries for it. A new method (DoRA, LoRA+, QLoRA) is one more entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from ..peft import LoraConfig, get_peft_model
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable         # (base_model, lora: LoraConfig, seed) -> the model to train
+    lr_grid: tuple          # learning rates tried on the validation split (3 to 5 values)
+    has_adapter: bool       # an adapter that ``disable_adapter()`` can switch off
+
+
+def _full(model, lora: LoraConfig, seed: int):
+    return model
+
+
+def _adapter(init_lora_weights):
+    def build(model, lora: LoraConfig, seed: int):
+        return get_peft_model(model, replace(lora, init_lora_weights=init_lora_weights), seed=seed)
+    return build
+
+
+# Grids: a factor ~3 apart, centred where short runs on the default tasks learn at all; the
+# adapters' grids sit higher because B starts at 0 (LoRA) and their updates are scaled by alpha/r.
+METHODS = {
+    "full": Method("full", _full, (3e-4, 1e-3, 3e-3), has_adapter=False),
+    "lora": Method("lora", _adapter(True), (1e-3, 3e-3, 1e-2), has_adapter=True),
+    "pissa": Method("pissa", _adapter("pissa"), (1e-3, 3e-3, 1e-2), has_adapter=True),
+}
