@@ -1,6 +1,6 @@
 """Floor 8: the side-by-side experiment (``compare``), its fair protocol, its method registry,
 and the longer studies (rank, low data, memory across scales)."""
-from .compare import (CompareConfig, CompareResults, MethodSummary, RunResult, base_model, compare,
+from .side_by_side import (CompareConfig, CompareResults, MethodSummary, RunResult, base_model, compare,
                       format_table, run_method)
 from .methods import METHODS, Method
 from .protocol import LrChoice, Spread, aggregate, choose_lr, steps_to_reach

@@ -21,7 +21,7 @@ from ..optim import AdamW
 from ..peft import LoraConfig, get_peft_model
 from ..recipes import BENCHMARK_SIZES, make_task
 from ..train import default_loss
-from .compare import CompareConfig, MethodSummary, base_model, compare, pick_lr, run_method, summarize
+from .side_by_side import CompareConfig, MethodSummary, base_model, compare, pick_lr, run_method, summarize
 from .methods import METHODS
 
 RANKS = (1, 2, 4, 8, 16, 64)
