@@ -29,10 +29,11 @@ def _adapter(init_lora_weights):
     return build
 
 
-# Grids: a factor ~3 apart, centred where short runs on the default tasks learn at all; the
-# adapters' grids sit higher because B starts at 0 (LoRA) and their updates are scaled by alpha/r.
+# One grid for all, a factor ~3 apart: wide enough that every method's choice so far fell inside
+# it, not on its edge (a choice on the edge means the grid should grow that way).
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 METHODS = {
-    "full": Method("full", _full, (3e-4, 1e-3, 3e-3), has_adapter=False),
-    "lora": Method("lora", _adapter(True), (1e-3, 3e-3, 1e-2), has_adapter=True),
-    "pissa": Method("pissa", _adapter("pissa"), (1e-3, 3e-3, 1e-2), has_adapter=True),
+    "full": Method("full", _full, LR_GRID, has_adapter=False),
+    "lora": Method("lora", _adapter(True), LR_GRID, has_adapter=True),
+    "pissa": Method("pissa", _adapter("pissa"), LR_GRID, has_adapter=True),
 }

@@ -41,10 +41,12 @@ class RankStudy:
     plot: str = ""
 
 
-def rank_study(cfg: CompareConfig, progress: bool = True) -> RankStudy:
-    """Capacity: target gained and source kept as the rank grows, over the same seeds."""
+def rank_study(cfg: CompareConfig, progress: bool = True, ranks=RANKS) -> RankStudy:
+    """Capacity: target gained and source kept as the rank grows, over the same seeds. Ranks
+    above the model's width are skipped (a rank-r update needs r <= both sides of a matrix)."""
     from ..plots import save_rank_study
 
+    ranks = tuple(r for r in ranks if r <= cfg.size.n_embd)
     out = Path(cfg.out) / "rank"
     source, target = make_task(cfg.source), make_task(cfg.target, max_train=cfg.max_train)
     base_dir, _ = base_model(cfg, progress)
@@ -53,17 +55,17 @@ def rank_study(cfg: CompareConfig, progress: bool = True) -> RankStudy:
         method = METHODS[name]
         choice = pick_lr(method, base_dir, target, cfg)  # at the default rank
         print(f"{name:>5} lr on validation (* chosen): {choice}")
-        for r in (RANKS if method.has_adapter else (None,)):
+        for r in (ranks if method.has_adapter else (None,)):
             lora = cfg.lora if r is None else replace(cfg.lora, r=r, lora_alpha=2 * r)
             runs = [run_method(method, choice.chosen, seed, base_dir, source, target, cfg, lora, progress)
                     for seed in cfg.seeds]
             summaries[name, r] = summarize(method, choice, runs, base_dir, target, cfg, out / f"r{r}", lora)
             s = summaries[name, r]
             print(f"{name:>5} r={r}: target {s.target}, source retained {s.retained}")
-    study = RankStudy(RANKS, summaries["full", None],
+    study = RankStudy(ranks, summaries["full", None],
                       [(r, s) for (n, r), s in summaries.items() if n != "full"])
     study.plot = str(save_rank_study(study, out))
-    save_json(out / "results.json", {"ranks": list(RANKS), "full": asdict(study.full),
+    save_json(out / "results.json", {"ranks": list(ranks), "full": asdict(study.full),
                                      "by_rank": [{"r": r, **asdict(s)} for r, s in study.by_rank]})
     return study
 
@@ -133,11 +135,11 @@ def project(shapes=PROJECTED_SHAPES, kinds=(FULL, LORA), precisions=(FLOAT32, MI
     return rows
 
 
-def memory_study(out, progress: bool = True) -> MemoryStudy:
+def memory_study(out, progress: bool = True, sizes=tuple(BENCHMARK_SIZES)) -> MemoryStudy:
     from ..plots import save_memory_study
 
     measured = []
-    for name in BENCHMARK_SIZES:
+    for name in sizes:
         for kind in (FULL, LORA):
             measured.append(measure_benchmark_size(name, kind))
             if progress:
