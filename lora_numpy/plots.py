@@ -67,7 +67,7 @@ def plot_learning_vs_forgetting(ax, points, before_target: float, before_source:
     for name, color, marker, target, retained in points:
         ax.errorbar(retained.mean, target.mean - before_target, xerr=_range(retained), yerr=_range(target),
                     fmt=marker, color=color, label=name, capsize=3, markersize=7)
-    ax.axvline(before_source, color="grey", linestyle=":", linewidth=1)
+    ax.axvline(before_source, color="grey", linestyle=":", linewidth=1, label="base model (source)")
     ax.set(xlabel="source accuracy retained (mean over skills, adapter on)",
            ylabel="target accuracy gained", title="Learning vs forgetting (bars: min-max over seeds)")
     ax.legend(fontsize=8)
@@ -137,10 +137,14 @@ def plot_memory_vs_params(ax, study) -> None:
         ax.scatter(row.params, row.measured_peak, color=color, marker=marker, s=40, zorder=3)
     for precision, line in (("float32", "-"), ("mixed", "--")):
         for method, (color, marker) in styles.items():
-            rows = [r for r in study.projected if r.method == method and r.precision.startswith(precision)]
-            if rows:
-                ax.plot([r.params for r in rows], [r.memory.total for r in rows], line, color=color,
-                        marker=marker, markerfacecolor="white", label=f"{method}, {precision} (projected)")
+            # the float32 line starts at the measured sizes: the formula there, beside each measurement
+            points = [(m.params, m.formula.total) for m in study.measured
+                      if m.method == method and precision == "float32"]
+            points += [(r.params, r.memory.total) for r in study.projected
+                       if r.method == method and r.precision.startswith(precision)]
+            if points:
+                ax.plot(*zip(*points), line, color=color, marker=marker, markerfacecolor="white",
+                        label=f"{method}, {precision}: formula (hollow)")
     ax.scatter([], [], color="black", marker="o", label="measured here (filled)")
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="peak bytes of one training step",
            title="Memory across scales")

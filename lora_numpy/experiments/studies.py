@@ -158,7 +158,8 @@ def memory_study(out, progress: bool = True, sizes=tuple(BENCHMARK_SIZES)) -> Me
 def format_memory(study: MemoryStudy) -> str:
     gib = lambda b: f"{b / 2**30:9.2f}"
     lines = [f"projected peak of one training step, batch {study.batch} x {study.seq} tokens, GiB "
-             "(LoRA: r=8 on every Linear of the blocks)",
+             "(LoRA: r=8 on every Linear of the blocks; optimizer: AdamW m and v, plus the float32 "
+             "master weights in mixed precision; activ.: activations and backward buffers)",
              f"{'model':<12} {'params':>14} {'precision':<10} {'method':<6} {'trainable':>14} "
              f"{'weights':>9} {'grads':>9} {'optimizer':>9} {'activ.':>9} {'total':>9}"]
     for p in study.projected:
