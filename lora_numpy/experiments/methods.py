@@ -29,8 +29,8 @@ def _adapter(init_lora_weights):
     return build
 
 
-# One grid for all, a factor ~3 apart: wide enough that every method's choice so far fell inside
-# it, not on its edge (a choice on the edge means the grid should grow that way).
+# One grid for all, a factor ~3 apart. In the default job every method's choice falls inside it;
+# a choice on the edge (LoRA in the low-data study) says the grid could grow that way.
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 METHODS = {
     "full": Method("full", _full, LR_GRID, has_adapter=False),
