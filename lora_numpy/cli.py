@@ -1,7 +1,9 @@
 """Floor 9: the command line, ``python -m lora_numpy COMMAND``.
 
     pretrain   train a base GPT on a task and save it
-    compare    full fine-tuning vs LoRA vs PiSSA, side by side (the main job)
+    compare    full fine-tuning vs LoRA vs PiSSA, side by side (the main job), each method's
+               learning rate chosen on validation data, outcomes over several seeds;
+               --study lowdata | rank | memory for the longer studies
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ from matplotlib.figure import Figure
 
 from .io import atomic_write
 
-COLORS = {"full": "#4c72b0", "lora": "#dd8452", "pissa": "#55a868"}
+COLORS = {"full": "#4c72b0", "lora": "#dd8452", "pissa": "#55a868", "qlora": "#8172b3"}
+MARKERS = {"full": "o", "lora": "s", "qlora": "^"}  # memory kinds
 PARTS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer_state", "optimizer state"),
          ("activations", "activations"), ("backward_buffers", "backward buffers"))
 
@@ -131,12 +132,12 @@ def save_rank_study(study, out) -> Path:
 
 def plot_memory_vs_params(ax, study) -> None:
     """Peak step memory against parameter count, log-log; measured points filled, projected hollow."""
-    styles = {"full": ("#4c72b0", "o"), "lora": ("#dd8452", "s"), "qlora": ("#8172b3", "^")}
     for row in study.measured:
-        color, marker = styles[row.method]
-        ax.scatter(row.params, row.measured_peak, color=color, marker=marker, s=40, zorder=3)
+        ax.scatter(row.params, row.measured_peak, color=COLORS[row.method], marker=MARKERS[row.method],
+                   s=40, zorder=3)
     for precision, line in (("float32", "-"), ("mixed", "--")):
-        for method, (color, marker) in styles.items():
+        for method, marker in MARKERS.items():
+            color = COLORS[method]
             # the float32 line starts at the measured sizes: the formula there, beside each measurement
             points = [(m.params, m.formula.total) for m in study.measured
                       if m.method == method and precision == "float32"]
@@ -159,8 +160,7 @@ def plot_memory_split(ax, study, shape_name: str) -> None:
     x = np.arange(len(PARTS))
     for i, row in enumerate(rows):
         values = [getattr(row.memory, key) / 2**30 for key, _ in PARTS]
-        color, _ = {"full": ("#4c72b0", 0), "lora": ("#dd8452", 0), "qlora": ("#8172b3", 0)}[row.method]
-        ax.bar(x + i * width, values, width, color=color, alpha=1.0 if row.precision.startswith("mixed") else 0.5,
+        ax.bar(x + i * width, values, width, color=COLORS[row.method], alpha=1.0 if row.precision.startswith("mixed") else 0.5,
                label=f"{row.method}, {row.precision.split(' ')[0]}")
     ax.set_xticks(x + 0.4 - width / 2, [name for _, name in PARTS], rotation=15)
     ax.set(yscale="log", ylabel="GiB (log scale)", title=f"{shape_name}: where the memory goes")

@@ -231,7 +231,7 @@ class CompareResults:
         data = asdict(self)
         for run in data["runs"]:
             run.pop("history")
-        return json.loads(json.dumps(data, default=lambda o: o if not isinstance(o, Path) else str(o)))
+        return json.loads(json.dumps(data, default=str))  # the few non-JSON values (paths) as text
 
 
 def compare(cfg: CompareConfig, progress: bool = True) -> CompareResults:
