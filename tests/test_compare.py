@@ -188,3 +188,21 @@ def test_bad_values_caught_by_the_library_exit_nonzero(tmp_path, capsys):
     assert err.startswith("error:") and "sub" in err
     assert "Traceback" not in err
     assert not out.exists() and not cache.exists()
+
+
+def test_rank_and_lowdata_studies_from_the_command_line(tmp_path, cache, capsys):
+    tiny = list(FAST)
+    tiny[tiny.index("--seeds") + 1:tiny.index("--seeds") + 1 + len(SEEDS)] = ["0"]  # one seed
+    out = tmp_path / "studies"
+    assert main(["compare", *tiny, "--study", "rank", "--out", str(out), "--cache", str(cache)]) == 0
+    rank = json.loads((out / "rank" / "results.json").read_text())
+    assert rank["ranks"] == [1, 2, 4, 8, 16]  # 64 > the model's width 16: skipped
+    assert [(row["r"], row["method"]) for row in rank["by_rank"]] == \
+        [(r, m) for m in ("lora", "pissa") for r in (1, 2, 4, 8, 16)]
+    assert [row["trainable_params"] for row in rank["by_rank"][:5]] == \
+        [LAYERS * (4 * r * 2 * D + 2 * r * 5 * D) for r in (1, 2, 4, 8, 16)]
+    assert (out / "rank" / "rank_study.png").read_bytes()[:8] == PNG_MAGIC
+    assert main(["compare", *tiny, "--study", "lowdata", "--out", str(out), "--cache", str(cache)]) == 0
+    low = _load_results(out / "lowdata")
+    assert low["config"]["max_train"] == 300
+    assert "300 training examples" in capsys.readouterr().out
