@@ -71,7 +71,7 @@ def plot_learning_vs_forgetting(ax, points, before_target: float, before_source:
     ax.axvline(before_source, color="grey", linestyle=":", linewidth=1, label="base model (source)")
     ax.set(xlabel="source accuracy retained (mean over skills, adapter on)",
            ylabel="target accuracy gained", title="Learning vs forgetting (bars: min-max over seeds)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncols=2 if len(points) > 6 else 1)
 
 
 def forgetting_points(summaries, marker="o"):
@@ -124,9 +124,19 @@ def plot_rank_study(ax_target, ax_source, study) -> None:
         ax.legend(fontsize=8)
 
 
+def rank_forgetting_points(study) -> list:
+    """Learning-vs-forgetting points for the rank study: full fine-tuning, then one per method and rank."""
+    markers = dict(zip(study.ranks, "v^<>sDph"))
+    full = study.full
+    return [(f"{label(full)}", COLORS["full"], "o", full.target, full.retained)] + [
+        (f"{s.method} r={r}", COLORS[s.method], markers[r], s.target, s.retained) for r, s in study.by_rank]
+
+
 def save_rank_study(study, out) -> Path:
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    plot_rank_study(*fig.subplots(1, 2), study)
+    fig = Figure(figsize=(16, 4.5), layout="constrained")
+    ax_target, ax_source, ax_both = fig.subplots(1, 3)
+    plot_rank_study(ax_target, ax_source, study)
+    plot_learning_vs_forgetting(ax_both, rank_forgetting_points(study), study.target_before, study.source_before)
     return _save(fig, Path(out) / "rank_study.png")
 
 

@@ -110,7 +110,7 @@ def language_model(model):
     return inner.transformer if isinstance(inner, GPTForSequenceClassification) else model
 
 
-def _source_scores(source: Task, model) -> dict:
+def source_scores(source: Task, model) -> dict:
     """Each source skill's held-out accuracy: {"add": ..., "sub": ...}."""
     scores = source.evaluate(language_model(model))
     if len(source.skills) == 1:
@@ -153,10 +153,10 @@ def run_method(method: Method, lr: float, seed: int, base_dir, source: Task, tar
     off = None
     if method.has_adapter:
         with model.disable_adapter():
-            off = _source_scores(source, model)
+            off = source_scores(source, model)
     return RunResult(method.name, seed, lr, before, target.evaluate(model)[target.metric],
-                     steps_to_reach(history, metric, REACH), _source_scores(source, model), off, float(np.median([h["ms"] for h in history])),
-                     [start, *history])
+                     steps_to_reach(history, metric, REACH), source_scores(source, model), off,
+                     float(np.median([h["ms"] for h in history])), [start, *history])
 
 
 def grid_score(method: Method, base_dir, target: Task, cfg: CompareConfig, lora: LoraConfig):
@@ -245,7 +245,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> CompareResults:
     if source.is_classification or source.metric != "accuracy":
         raise ValueError(f"the source must be arithmetic skills (e.g. add,sub), got {cfg.source!r}")
     base_dir, base = base_model(cfg, progress)
-    source_before = _source_scores(source, load_model(base_dir)[0])
+    source_before = source_scores(source, load_model(base_dir)[0])
     print("base model, held-out accuracy per skill: " + ", ".join(f"{k} {v:.1%}" for k, v in source_before.items()))
     summaries, runs = [], []
     for name in cfg.methods:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import load_model
 from ..io import save_json
 from ..memory import (FLOAT32, FULL, LORA, MIXED_BF16, PROJECTED_SHAPES, PROJECTION_BATCH, PROJECTION_SEQ,
                       MemoryBreakdown, ModelShape, measure_step, step_memory_formula)
@@ -21,7 +22,8 @@ from ..optim import AdamW
 from ..peft import LoraConfig, get_peft_model
 from ..recipes import BENCHMARK_SIZES, make_task
 from ..train import default_loss
-from .side_by_side import CompareConfig, MethodSummary, base_model, compare, pick_lr, run_method, summarize
+from .side_by_side import (CompareConfig, MethodSummary, base_model, compare, pick_lr, run_method,
+                           source_scores, summarize)
 from .methods import METHODS
 
 RANKS = (1, 2, 4, 8, 16, 64)
@@ -38,6 +40,8 @@ class RankStudy:
     ranks: tuple
     full: MethodSummary
     by_rank: list                    # (r, MethodSummary) for lora and pissa
+    target_before: float             # the base model's target accuracy
+    source_before: float             # and its source accuracy, mean over skills
     plot: str = ""
 
 
@@ -50,6 +54,9 @@ def rank_study(cfg: CompareConfig, progress: bool = True, ranks=RANKS) -> RankSt
     out = Path(cfg.out) / "rank"
     source, target = make_task(cfg.source), make_task(cfg.target, max_train=cfg.max_train)
     base_dir, _ = base_model(cfg, progress)
+    base = load_model(base_dir)[0]
+    target_before = target.evaluate(base)[target.metric]
+    source_before = float(np.mean(list(source_scores(source, base).values())))
     summaries = {}
     for name in ("full", "lora", "pissa"):
         method = METHODS[name]
@@ -63,9 +70,10 @@ def rank_study(cfg: CompareConfig, progress: bool = True, ranks=RANKS) -> RankSt
             s = summaries[name, r]
             print(f"{name:>5} r={r}: target {s.target}, source retained {s.retained}")
     study = RankStudy(ranks, summaries["full", None],
-                      [(r, s) for (n, r), s in summaries.items() if n != "full"])
+                      [(r, s) for (n, r), s in summaries.items() if n != "full"], target_before, source_before)
     study.plot = str(save_rank_study(study, out))
     save_json(out / "results.json", {"ranks": list(ranks), "full": asdict(study.full),
+                                     "target_before": target_before, "source_before": source_before,
                                      "by_rank": [{"r": r, **asdict(s)} for r, s in study.by_rank]})
     return study
 
