@@ -26,8 +26,8 @@ def test_the_default_base_knows_each_source_skill(tmp_path):
     from lora_numpy.experiments import CompareConfig, base_model
     cfg = CompareConfig(cache=str(tmp_path))
     assert len(cfg.source.split(",")) >= 2 and cfg.target not in cfg.source.split(",")
-    folder, report = base_model(cfg, progress=False)
-    model, _ = load_model(folder)
+    model, meta = load_model(base_model(cfg, progress=False))
+    report = meta["report"]
     scores = make_task(cfg.source).evaluate(model)  # the whole test split of each skill
     for skill in cfg.source.split(","):
         assert scores[f"accuracy_{skill}"] >= 0.95, scores

@@ -78,19 +78,19 @@ def base_settings(cfg: CompareConfig) -> dict:
             "vocabulary": ARITHMETIC_CHARS, "val_fraction": VAL_FRACTION}
 
 
-def base_model(cfg: CompareConfig, progress: bool = True) -> tuple[Path, dict]:
-    """The pretrained base (folder, report), from the cache when an identical one was trained."""
+def base_model(cfg: CompareConfig, progress: bool = True) -> Path:
+    """The pretrained base's folder, from the cache when an identical one was trained before; its
+    config.json holds the pretraining report (held-out accuracy per skill)."""
     settings = base_settings(cfg)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     s = cfg.size
     folder = Path(cfg.cache) / f"base-{cfg.source.replace(',', '+')}-L{s.n_layer}-d{s.n_embd}-{digest}"
     if (folder / "model.npz").is_file():
         print(f"reusing the base model in {folder}")
-        return folder, load_json(folder / "config.json")["report"]
+        return folder
     print(f"pretraining a base model on '{cfg.source}' ({cfg.base_steps} steps); it will be cached in {folder}")
-    _, report = pretrain(cfg.source, cfg.base_steps, folder, s, cfg.train.batch_size, seed=0,
-                         progress=progress)
-    return folder, report
+    pretrain(cfg.source, cfg.base_steps, folder, s, cfg.train.batch_size, seed=0, progress=progress)
+    return folder
 
 
 def prepare(method: Method, base_dir, target: Task, lora: LoraConfig, seed: int):
@@ -244,7 +244,8 @@ def compare(cfg: CompareConfig, progress: bool = True) -> CompareResults:
     source, target = make_task(cfg.source), make_task(cfg.target, max_train=cfg.max_train)
     if source.is_classification or source.metric != "accuracy":
         raise ValueError(f"the source must be arithmetic skills (e.g. add,sub), got {cfg.source!r}")
-    base_dir, base = base_model(cfg, progress)
+    base_dir = base_model(cfg, progress)
+    base = load_json(base_dir / "config.json")["report"]
     source_before = source_scores(source, load_model(base_dir)[0])
     print("base model, held-out accuracy per skill: " + ", ".join(f"{k} {v:.1%}" for k, v in source_before.items()))
     summaries, runs = [], []

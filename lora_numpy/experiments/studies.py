@@ -53,7 +53,7 @@ def rank_study(cfg: CompareConfig, progress: bool = True, ranks=RANKS) -> RankSt
     ranks = tuple(r for r in ranks if r <= cfg.size.n_embd)
     out = Path(cfg.out) / "rank"
     source, target = make_task(cfg.source), make_task(cfg.target, max_train=cfg.max_train)
-    base_dir, _ = base_model(cfg, progress)
+    base_dir = base_model(cfg, progress)
     base = load_model(base_dir)[0]
     target_before = target.evaluate(base)[target.metric]
     source_before = float(np.mean(list(source_scores(source, base).values())))
