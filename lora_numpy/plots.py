@@ -71,7 +71,7 @@ def plot_learning_vs_forgetting(ax, points, before_target: float, before_source:
     ax.axvline(before_source, color="grey", linestyle=":", linewidth=1, label="base model (source)")
     ax.set(xlabel="source accuracy retained (mean over skills, adapter on)",
            ylabel="target accuracy gained", title="Learning vs forgetting (bars: min-max over seeds)")
-    ax.legend(fontsize=7, ncols=2 if len(points) > 6 else 1)
+    ax.legend(fontsize=7, ncols=2 if len(points) > 6 else 1, loc="lower right")  # points sit up and left
 
 
 def forgetting_points(summaries, marker="o"):
