@@ -60,7 +60,8 @@ def test_a_fixed_learning_rate_skips_the_grid(monkeypatch):
     monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("no grid run expected"))
     method = Method("full", None, (1.0, 2.0), has_adapter=False)
     choice = pick_lr(method, "base", _FakeTask({}), CompareConfig(lr={"full": 5e-4}))
-    assert choice.chosen == 5e-4 and choice.grid == (5e-4,)
+    assert choice.chosen == 5e-4 and choice.grid == (5e-4,) and choice.scores == ()
+    assert "fixed" in str(choice)
 
 
 def test_seed_aggregation():

@@ -37,10 +37,12 @@ def aggregate(values) -> Spread:
 @dataclass
 class LrChoice:
     grid: tuple
-    scores: tuple           # the validation score of a short run at each learning rate
+    scores: tuple           # the validation score of a short run at each rate (empty: fixed by hand)
     chosen: float
 
     def __str__(self) -> str:
+        if not self.scores:
+            return f"{self.chosen:g}, fixed (no grid run)"
         return ", ".join(f"{lr:g}{'*' if lr == self.chosen else ''}: {s:.3f}"
                          for lr, s in zip(self.grid, self.scores))
 

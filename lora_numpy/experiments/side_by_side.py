@@ -142,6 +142,7 @@ def train_config(cfg: CompareConfig, lr: float, seed: int, steps: int | None = N
 
 def run_method(method: Method, lr: float, seed: int, base_dir, source: Task, target: Task,
                cfg: CompareConfig, lora: LoraConfig | None = None, progress: bool = True) -> RunResult:
+    """Fine-tune a fresh copy of the base with ``method`` at ``lr`` for one seed, and measure it."""
     lora = lora or cfg.lora
     model = prepare(method, base_dir, target, lora, seed)
     metric = f"target_{target.metric}"
@@ -170,8 +171,9 @@ def grid_score(method: Method, base_dir, target: Task, cfg: CompareConfig, lora:
 
 
 def pick_lr(method: Method, base_dir, target: Task, cfg: CompareConfig, lora: LoraConfig | None = None) -> LrChoice:
+    """The method's learning rate: the user's fixed one, or the best of its grid on validation."""
     if method.name in cfg.lr:
-        return LrChoice((cfg.lr[method.name],), (float("nan"),), cfg.lr[method.name])
+        return LrChoice((cfg.lr[method.name],), (), cfg.lr[method.name])  # fixed by the user: no grid
     return choose_lr(method.lr_grid, grid_score(method, base_dir, target, cfg, lora or cfg.lora))
 
 
