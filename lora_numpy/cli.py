@@ -1,15 +1,28 @@
 """Floor 9: the command line, ``python -m lora_numpy COMMAND``.
 
     pretrain   train a base GPT on a task and save it
-    compare    full fine-tuning vs LoRA vs PiSSA, side by side (the main job)
+    compare    full fine-tuning vs LoRA vs PiSSA, side by side (the main job), each method's
+               learning rate chosen on validation data, outcomes over several seeds;
+               --study lowdata | rank | memory for the longer studies
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .experiments import DEFAULT_LR, METHODS, CompareConfig, compare
-from .recipes import TASK_NAMES, ModelSize, pretrain
+from dataclasses import replace
+
+from .experiments import METHODS, CompareConfig, compare, format_memory, format_table, lowdata, memory_study, rank_study
+from .recipes import ARITHMETIC_OPS, LM_TASKS, TASK_NAMES, ModelSize, pretrain
+
+
+def _language_task(name: str) -> str:
+    """argparse type: a task `pretrain` can train, or arithmetic skills joined by commas."""
+    parts = name.split(",")
+    if (len(parts) == 1 and name not in LM_TASKS) or (len(parts) > 1 and not set(parts) <= set(ARITHMETIC_OPS)):
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(LM_TASKS)} "
+                                         "or arithmetic skills joined by commas (e.g. add,sub)")
+    return name
 
 
 def _add_model_size(p: argparse.ArgumentParser) -> None:
@@ -33,23 +46,40 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _compare_config(args) -> CompareConfig:
+    d = CompareConfig()
+    targets = args.target_modules[0] if args.target_modules == ["all-linear"] else tuple(args.target_modules)
+    lr = {m: getattr(args, f"lr_{m}") for m in METHODS if getattr(args, f"lr_{m}") is not None}
+    return CompareConfig(
+        source=args.source, target=args.target, methods=tuple(args.methods),
+        lora=replace(d.lora, r=args.rank, lora_alpha=args.alpha, target_modules=targets),
+        train=replace(d.train, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+                      warmup_steps=round(d.train.warmup_steps * args.steps / d.train.steps)),
+        seeds=tuple(args.seeds), lr=lr, grid_steps=args.grid_steps, max_train=args.max_train,
+        base_steps=args.base_steps, size=ModelSize(args.n_layer, args.n_head, args.n_embd),
+        out=args.out, cache=args.cache)
+
+
 def _cmd_compare(args) -> int:
-    lr = {m: v for m, v in (("full", args.lr_full), ("lora", args.lr_lora), ("pissa", args.lr_pissa))
-          if v is not None}
-    targets = args.target_modules[0] if len(args.target_modules) == 1 and args.target_modules[0] == "all-linear" \
-        else tuple(args.target_modules)
-    cfg = CompareConfig(source=args.source, target=args.target, methods=tuple(args.methods), r=args.rank,
-                        lora_alpha=args.alpha, target_modules=targets, steps=args.steps,
-                        batch_size=args.batch_size, lr=lr, seed=args.seed, base_steps=args.base_steps,
-                        size=ModelSize(args.n_layer, args.n_head, args.n_embd),
-                        eval_every=args.eval_every, out=args.out, cache=args.cache)
-    results = compare(cfg, progress=not args.quiet)
-    print()
-    print(f"fine-tuning '{cfg.source}' -> '{cfg.target}', {cfg.steps} steps each, seed {cfg.seed}, "
-          f"LoRA/PiSSA r={cfg.r} alpha={cfg.lora_alpha} on {cfg.target_modules}")
-    print(results["table"])
-    print(f"\nfinished in {results['seconds']:.0f}s; wrote {cfg.out}/results.json, history.csv and "
-          + ", ".join(p.rsplit("/", 1)[-1] for p in results["plots"]))
+    cfg = _compare_config(args)
+    if args.study == "memory":
+        study = memory_study(cfg.out, progress=not args.quiet)
+        print("\n" + format_memory(study))
+        print(f"\nwrote {cfg.out}/memory.json and {study.plot.rsplit('/', 1)[-1]}")
+        return 0
+    if args.study == "rank":
+        study = rank_study(cfg, progress=not args.quiet)
+        print(f"\nwrote {cfg.out}/rank/results.json and {study.plot.rsplit('/', 1)[-1]}")
+        return 0
+    results = (lowdata if args.study == "lowdata" else compare)(cfg, progress=not args.quiet)
+    c = results.config
+    print(f"\nfine-tuning '{c.source}' -> '{c.target}'"
+          + (f" ({c.max_train} training examples)" if c.max_train else "")
+          + f", {c.train.steps} steps per run, LoRA/PiSSA r={c.lora.r} alpha={c.lora.lora_alpha:g} "
+          f"on {c.lora.target_modules}")
+    print(format_table(results))
+    print(f"\nfinished in {results.seconds:.0f}s; wrote {c.out}/results.json, history.csv and "
+          + ", ".join(p.rsplit("/", 1)[-1] for p in results.plots))
     return 0
 
 
@@ -60,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train a base GPT from scratch and save it",
                        description="Train a base GPT from scratch on a task and save it.")
-    p.add_argument("--task", default="add", choices=[t for t in TASK_NAMES if t != "sum"],
+    p.add_argument("--task", default="add", type=_language_task,
                    help="what to learn (default %(default)s)")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default %(default)s)")
     p.add_argument("--out", default="runs/base", help="output folder (default %(default)s)")
@@ -74,25 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = CompareConfig()
     p = sub.add_parser("compare", help="full fine-tuning vs LoRA vs PiSSA, side by side (the main job)",
-                       description="Pretrain (or reuse) a base model on --source, fine-tune copies of it "
-                                   "on --target with each method, and report what each costs and achieves.")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS, help="default: all three")
-    p.add_argument("--source", default=d.source, choices=[t for t in TASK_NAMES if t not in ("sum", "text")],
-                   help="pretraining task (default %(default)s)")
+                       description="Pretrain (or reuse) a base model on --source skills, choose each method's "
+                                   "learning rate on a validation split, fine-tune copies of the base on "
+                                   "--target over several seeds, and report what each costs and achieves.")
+    p.add_argument("--study", default="main", choices=["main", "lowdata", "rank", "memory"],
+                   help="main: the comparison; lowdata: the same with few target examples; rank: LoRA and "
+                        "PiSSA across ranks; memory: measured and projected step memory (default %(default)s)")
+    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS), help="default: all")
+    p.add_argument("--source", default=d.source, type=_language_task, help="pretraining skills, comma-joined, from "
+                   f"{', '.join(ARITHMETIC_OPS)} (default %(default)s)")
     p.add_argument("--target", default=d.target, choices=[t for t in TASK_NAMES if t != "text"],
                    help="fine-tuning task; 'sum' is sequence classification (default %(default)s)")
-    p.add_argument("--rank", type=int, default=d.r, help="LoRA/PiSSA rank r (default %(default)s)")
-    p.add_argument("--alpha", type=float, default=d.lora_alpha, help="lora_alpha; scale = alpha/r (default %(default)s)")
-    p.add_argument("--target-modules", nargs="+", default=[d.target_modules],
+    p.add_argument("--rank", type=int, default=d.lora.r, help="LoRA/PiSSA rank r (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=d.lora.lora_alpha, help="lora_alpha; scale = alpha/r (default %(default)s)")
+    p.add_argument("--target-modules", nargs="+", default=[d.lora.target_modules],
                    help="Linear layers to adapt, e.g. q_proj v_proj (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per method (default %(default)s)")
-    for method in METHODS:
-        p.add_argument(f"--lr-{method}", type=float, default=None,
-                       help=f"learning rate for {method} (default {DEFAULT_LR[method]})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    p.add_argument("--steps", type=int, default=d.train.steps, help="fine-tuning steps per run (default %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="fine-tuning seeds (default %(default)s)")
+    p.add_argument("--grid-steps", type=int, default=d.grid_steps,
+                   help="steps of each short run that scores a learning rate (default %(default)s)")
+    for name, method in METHODS.items():
+        p.add_argument(f"--lr-{name}", type=float, default=None,
+                       help=f"fix {name}'s learning rate instead of choosing from {list(method.lr_grid)}")
+    p.add_argument("--max-train", type=int, default=d.max_train, help="target training examples (default: all)")
+    p.add_argument("--batch-size", type=int, default=d.train.batch_size, help="default %(default)s")
     p.add_argument("--base-steps", type=int, default=d.base_steps, help="pretraining steps (default %(default)s)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="default %(default)s")
+    p.add_argument("--eval-every", type=int, default=d.train.eval_every, help="default %(default)s")
     p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
     p.add_argument("--cache", default=d.cache, help="where base models are cached (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

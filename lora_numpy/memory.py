@@ -8,6 +8,11 @@ measured at its peak, and predicted by formula.
 
 LoRA shrinks the middle two terms to almost nothing; the first stays (the frozen model is
 still there) and so does most of the last (the activations flow through the frozen layers).
+The peak comes early in backward, with two more MLP-wide buffers alive (``backward_buffer_floats``).
+
+``step_memory_formula`` writes this for any ``ModelShape`` (this engine's GPT, GPT-2, LLaMA), any
+``Precision`` (float32 as here; bf16 mixed precision as real trainers) and any ``Finetuning`` kind,
+so the formula checked against measurements here projects to models of billions of parameters.
 """
 from __future__ import annotations
 
@@ -112,26 +117,151 @@ def optimizer_state_bytes(optimizer) -> int:
                if hasattr(v, "nbytes"))
 
 
-def analytic_step_memory(config, batch_size: int, seq_len: int, n_params: int, n_trainable: int,
-                         lora_layers=(), num_labels: int | None = None) -> dict:
-    """The same categories by formula, for a GPT of ``config`` on (batch_size, seq_len) tokens.
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of a decoder-only Transformer, enough to count its parameters and activations.
 
-    Activations, counted per op of this implementation (N = B·T tokens, C = n_embd, H heads):
-    every block keeps 25·N·C floats (LayerNorm outputs and normalised inputs 2+2, q/k/v 3,
-    attention output and its re-layout 2, out_proj and residual 2, fc1 4, GELU output and its
-    tanh 8, fc2 and residual 2) plus the attention matrix B·H·T²; the embeddings add 2·N·C + T·C
-    and 8 bytes per token id, ln_f 2·N·C, and the LM head and loss 2·N·V (logits and
-    log-probabilities). A LoRA layer (``F.lora_linear``) adds only its rank-r intermediate, N·r.
-    ``lora_layers``: the rank r of each adapted layer. The formula assumes every op is
-    recorded; with frozen embeddings nothing before the first adapter needs a gradient, so
-    no graph is kept there and the measured activations come out slightly lower.
+    GPT style (this engine): LayerNorm with bias, learned positions, GELU MLP (fc1, fc2).
+    LLaMA style: RMSNorm (weight only), rotary positions (no table), no biases, SwiGLU MLP with
+    three matrices (gate_proj, up_proj, down_proj), grouped-query attention (``n_kv_head`` < n_head).
     """
-    n, c, t = batch_size * seq_len, config.n_embd, seq_len
-    per_block = 25 * n * c + batch_size * config.n_head * t * t
-    floats = config.n_layer * per_block + 2 * n * c + t * c + 2 * n * c
-    floats += 2 * n * config.vocab_size if num_labels is None else 2 * batch_size * num_labels
-    floats += sum(n * r for r in lora_layers)
-    return {"params": FLOAT_BYTES * n_params,
-            "gradients": FLOAT_BYTES * n_trainable,
-            "optimizer_state": 2 * FLOAT_BYTES * n_trainable,
-            "activations": FLOAT_BYTES * floats + 8 * n}
+    name: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    block_size: int
+    d_ff: int | None = None          # MLP width; None: 4 * n_embd
+    n_kv_head: int | None = None     # heads of k and v; None: n_head
+    llama: bool = False              # the LLaMA differences listed above
+    tied_embeddings: bool = False    # lm_head shares wte's weight (GPT-2 does; this engine does not)
+
+    @classmethod
+    def from_gpt_config(cls, config, name: str = "gpt") -> "ModelShape":
+        return cls(name, config.n_layer, config.n_embd, config.n_head, config.vocab_size, config.block_size)
+
+    @property
+    def mlp_width(self) -> int:
+        return self.d_ff or 4 * self.n_embd
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_embd // self.n_head * (self.n_kv_head or self.n_head)
+
+    def linears(self) -> dict:
+        """name -> (d_in, d_out) of each Linear in one block (PEFT's target names)."""
+        c, f, kv = self.n_embd, self.mlp_width, self.kv_width
+        mlp = ({"gate_proj": (c, f), "up_proj": (c, f), "down_proj": (f, c)} if self.llama
+               else {"fc1": (c, f), "fc2": (f, c)})
+        return {"q_proj": (c, c), "k_proj": (c, kv), "v_proj": (c, kv), "out_proj": (c, c), **mlp}
+
+    def num_parameters(self) -> int:
+        c, bias = self.n_embd, not self.llama
+        norm = c if self.llama else 2 * c                      # RMSNorm: weight; LayerNorm: weight, bias
+        block = sum(i * o + (o if bias else 0) for i, o in self.linears().values()) + 2 * norm
+        embeddings = self.vocab_size * c * (1 if self.tied_embeddings else 2)
+        positions = 0 if self.llama else self.block_size * c
+        return self.n_layer * block + embeddings + positions + norm
+
+    def lora_parameters(self, r: int, targets="all-linear") -> int:
+        """r·(d_in + d_out) for every adapted Linear of every block."""
+        return self.n_layer * r * sum(i + o for name, (i, o) in self.linears().items()
+                                      if targets == "all-linear" or name in targets)
+
+    def activation_floats(self, batch: int, seq: int, lora_rank: int = 0, targets="all-linear") -> int:
+        """Floats this engine keeps for backward (N = batch·seq tokens, C = n_embd, F = MLP width).
+
+        Per block, counted per op of lora_numpy: two LayerNorms keep output and normalised input
+        (4·N·C), q/k/v (N·(C + 2·kv)), the attention output and its re-layout (2·N·C), out_proj
+        and the residual sum (2·N·C), the MLP 3·N·F (fc1 output, GELU output and its tanh; for
+        SwiGLU 4·N·F: gate, up, SiLU, product), fc2 and the residual (2·N·C), and the softmaxed
+        attention matrix batch·H·seq². Outside the blocks: embeddings 2·N·C + seq·C, ln_f 2·N·C,
+        logits and log-probabilities 2·N·V. A LoRA layer adds its rank-r intermediate, N·r."""
+        n, c = batch * seq, self.n_embd
+        mlp = (4 if self.llama else 3) * n * self.mlp_width
+        block = 10 * n * c + n * (c + 2 * self.kv_width) + mlp + batch * self.n_head * seq * seq
+        adapted = sum(1 for name in self.linears() if targets == "all-linear" or name in targets)
+        block += adapted * n * lora_rank
+        return self.n_layer * block + 2 * n * c + seq * c + 2 * n * c + 2 * n * self.vocab_size
+
+    def backward_buffer_floats(self, batch: int, seq: int) -> int:
+        """At the step's peak, early in backward (the last block's MLP), every activation is still
+        held and backward has just made two N×F buffers: the gradient of the MLP's hidden layer
+        and the temporary its activation function's derivative needs."""
+        return 2 * batch * seq * self.mlp_width
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per number in each role during a training step."""
+    name: str
+    weight_bytes: float       # every stored weight, frozen or trainable
+    grad_bytes: float         # gradient, trainable weights only
+    master_bytes: float       # a float32 copy of each trainable weight (mixed precision)
+    optimizer_bytes: float    # AdamW's m and v per trainable weight
+    activation_bytes: float
+
+
+FLOAT32 = Precision("float32 (this engine)", 4, 4, 0, 8, 4)
+# Mixed precision as PyTorch AMP / DeepSpeed train: bf16 weights, gradients and activations;
+# float32 master weights and Adam moments: 2 + 2 + 4 + 4 + 4 = 16 bytes per trainable parameter
+# (Rajbhandari et al. 2020, "ZeRO"), but a frozen parameter costs only its 2 bf16 bytes.
+MIXED_BF16 = Precision("mixed bf16 (bf16 weights+grads, fp32 master+Adam)", 2, 2, 4, 8, 2)
+
+
+@dataclass(frozen=True)
+class Finetuning:
+    """What a method trains and how it stores the frozen rest, for the memory formula."""
+    name: str
+    lora_rank: int | None = None         # None: every parameter trains (full fine-tuning)
+    lora_targets: object = "all-linear"
+    frozen_linear_bits: float | None = None  # None: the precision's width; QLoRA would say 4 + 0.127
+
+
+FULL = Finetuning("full")
+LORA = Finetuning("lora", lora_rank=8)
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes of one training step, by what they hold."""
+    weights: float            # all parameters (frozen and trainable)
+    gradients: float
+    optimizer_state: float    # AdamW m and v, plus master weights in mixed precision
+    activations: float        # kept for backward
+    backward_buffers: float   # transient, at the peak
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer_state + self.activations + self.backward_buffers
+
+
+def step_memory_formula(shape: ModelShape, method: Finetuning, precision: Precision, batch: int,
+                        seq: int) -> MemoryBreakdown:
+    """Peak memory of one training step of ``method`` on ``shape``, by formula.
+
+    weights = frozen·w + trainable·w; gradients = trainable·g; optimizer = trainable·(master + m + v);
+    activations = activation_floats·a + 8 bytes per token id; plus the backward buffers at the peak, ·a.
+    The same formula is checked against measurements of this engine (float32) and then projected."""
+    n_all = shape.num_parameters()
+    full = method.lora_rank is None
+    trainable = n_all if full else shape.lora_parameters(method.lora_rank, method.lora_targets)
+    frozen = 0 if full else n_all
+    weights = (frozen + trainable) * precision.weight_bytes
+    if method.frozen_linear_bits is not None and not full:  # quantized frozen Linear weights
+        linear = shape.n_layer * sum(i * o for i, o in shape.linears().values())
+        weights -= linear * (precision.weight_bytes - method.frozen_linear_bits / 8)
+    act = shape.activation_floats(batch, seq, method.lora_rank or 0, method.lora_targets)
+    return MemoryBreakdown(
+        weights=weights, gradients=trainable * precision.grad_bytes,
+        optimizer_state=trainable * (precision.master_bytes + precision.optimizer_bytes),
+        activations=act * precision.activation_bytes + 8 * batch * seq,  # + the int64 token ids
+        backward_buffers=shape.backward_buffer_floats(batch, seq) * precision.activation_bytes)
+
+
+# Shapes to project to (the published configurations), and the batch they are projected at.
+GPT2_124M = ModelShape("GPT-2 124M", 12, 768, 12, 50257, 1024, tied_embeddings=True)
+LLAMA2_7B = ModelShape("LLaMA-2 7B", 32, 4096, 32, 32000, 4096, d_ff=11008, llama=True)
+LLAMA2_70B = ModelShape("LLaMA-2 70B", 80, 8192, 64, 32000, 4096, d_ff=28672, n_kv_head=8, llama=True)
+PROJECTED_SHAPES = (GPT2_124M, LLAMA2_7B, LLAMA2_70B)
+PROJECTION_BATCH, PROJECTION_SEQ = 1, 1024  # one sequence of 1024 tokens per step

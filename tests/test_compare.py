@@ -13,13 +13,10 @@ from lora_numpy.models import GPTForSequenceClassification
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ("full", "lora", "pissa")
-D, LAYERS, R, STEPS = 16, 1, 8, 20
-FAST = ["--steps", str(STEPS), "--base-steps", "30", "--n-embd", str(D), "--n-head", "2",
-        "--n-layer", str(LAYERS), "--batch-size", "16", "--eval-every", "10", "--rank", str(R),
-        "--quiet"]
-TABLE_KEYS = ("method", "trainable_params", "all_params", "trainable_percent", "file", "file_bytes",
-              "optimizer_state_bytes", "memory", "ms_per_step", "target_before", "target_after",
-              "target_metrics", "source_before", "source_after")
+D, LAYERS, R, STEPS, SEEDS = 16, 1, 8, 20, (0, 1)
+FAST = ["--steps", str(STEPS), "--base-steps", "30", "--grid-steps", "5", "--n-embd", str(D),
+        "--n-head", "2", "--n-layer", str(LAYERS), "--batch-size", "16", "--eval-every", "10",
+        "--rank", str(R), "--seeds", *map(str, SEEDS), "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -37,87 +34,104 @@ def _load_results(out):
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.slow
 def test_compare_end_to_end(tmp_path, cache, capsys):
     out = tmp_path / "run"
     assert main(["compare", *FAST, "--out", str(out), "--cache", str(cache)]) == 0
     printed = capsys.readouterr().out
 
     results = _load_results(out)
+    assert results["target_metric"] == "accuracy" and results["config"]["target"] == "absdiff"
+    assert set(results["source_before"]) == {"add", "sub"}  # the base knows two skills
+    summaries = results["summaries"]
+    assert [s["method"] for s in summaries] == list(METHODS)
     runs = results["runs"]
-    assert [r["method"] for r in runs] == list(METHODS)
-    assert results["target_metric"] == "accuracy"
-    for run in runs:
-        for key in TABLE_KEYS:
-            assert key in run, key
-        assert "measured_peak" in run["memory"]
-        assert 0 <= run["target_after"] <= 1 and 0 <= run["source_after"] <= 1
-        assert run["trainable_percent"] == pytest.approx(100 * run["trainable_params"] / run["all_params"])
-        shared = out / run["file"]
-        assert shared.is_file() and shared.stat().st_size == run["file_bytes"]
-        assert run["optimizer_state_bytes"] == 8 * run["trainable_params"]  # AdamW m, v in float32
-        with np.load(shared, allow_pickle=False) as npz:
-            assert sum(npz[k].size for k in npz.files) == run["trainable_params"]
-    full, lora, pissa = runs
+    assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for m in METHODS for s in SEEDS]
+    for summary in summaries:
+        lr = summary["lr"]
+        assert len(lr["grid"]) == len(lr["scores"]) >= 3 and lr["chosen"] in lr["grid"]
+        assert lr["chosen"] == lr["grid"][int(np.argmax(lr["scores"]))]
+        assert f"{lr['chosen']:g}" in printed
+        own = [r for r in runs if r["method"] == summary["method"]]
+        assert all(r["lr"] == lr["chosen"] for r in own)
+        target = summary["target"]
+        assert target["n"] == len(SEEDS)
+        assert target["mean"] == pytest.approx(np.mean([r["target_after"] for r in own]))
+        assert target["min"] == min(r["target_after"] for r in own)
+        for skill in ("add", "sub"):
+            assert summary["source"][skill]["max"] == max(r["source_after"][skill] for r in own)
+        assert (summary["source_adapter_off"] is None) == (summary["method"] == "full")
+        assert summary["memory"]["optimizer_state"] == 8 * summary["trainable_params"]  # AdamW m, v
+    full, lora, pissa = summaries
     assert full["trainable_params"] == full["all_params"]
     assert lora["trainable_params"] == pissa["trainable_params"] == _lora_trainable()
     assert lora["all_params"] == full["all_params"] + _lora_trainable()
     assert lora["file_bytes"] < full["file_bytes"]
+    with np.load(out / "lora" / "adapter" / "adapter_model.npz", allow_pickle=False) as npz:
+        assert sum(npz[k].size for k in npz.files) == lora["trainable_params"]
 
     with open(out / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert "method" in rows[0]
     for method in METHODS:
-        steps = [int(r["step"]) for r in rows if r["method"] == method]
-        assert steps == list(range(1, STEPS + 1))
+        for seed in SEEDS:
+            steps = [int(r["step"]) for r in rows if r["method"] == method and int(r["seed"]) == seed]
+            assert steps == list(range(0, STEPS + 1))  # step 0: the metric before training
 
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 3
+    assert [p.name for p in pngs] == ["learning_vs_forgetting.png", "loss_curves.png"]
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_MAGIC, png
         assert png.name in printed
-
     table = [line.split() for line in printed.splitlines()]
     for method in METHODS:
         assert any(cells and cells[0] == method for cells in table), method
-    assert f"{lora['trainable_params']:,}" in printed
+    assert "over seeds [0, 1]" in printed and ("no difference" in printed or "higher" in printed)
 
     # a second run finds the cached base model and gives the same LoRA result
     out2 = tmp_path / "again"
     assert main(["compare", *FAST, "--methods", "lora", "--out", str(out2), "--cache", str(cache)]) == 0
     printed2 = capsys.readouterr().out
     assert "reusing" in printed2 and "pretraining" not in printed2
-    assert len([p for p in cache.iterdir() if p.name.startswith("base-add")]) == 1
-    (again,) = _load_results(out2)["runs"]
-    assert again["trainable_params"] == lora["trainable_params"]
-    assert again["target_after"] == lora["target_after"]
-    assert again["source_after"] == lora["source_after"]
+    assert len([p for p in cache.iterdir() if p.name.startswith("base-add+sub")]) == 1
+    timeless = lambda rs: [{k: v for k, v in r.items() if k != "ms_per_step"} for r in rs]
+    assert timeless(_load_results(out2)["runs"]) == timeless(r for r in runs if r["method"] == "lora")
 
 
-@pytest.mark.slow
+def test_the_base_cache_key_changes_with_every_base_setting():
+    from dataclasses import replace
+    from lora_numpy.experiments import CompareConfig
+    from lora_numpy.experiments.side_by_side import base_settings
+    from lora_numpy.recipes import ModelSize
+    d = CompareConfig()
+    variants = [replace(d, source="add,mul"), replace(d, base_steps=d.base_steps + 1),
+                replace(d, size=ModelSize(n_layer=3)), replace(d, train=replace(d.train, batch_size=32))]
+    keys = [base_settings(c) for c in [d, *variants]]
+    assert all(keys[0] != k for k in keys[1:])
+    # fine-tuning settings do not change the base
+    assert base_settings(replace(d, seeds=(5,), grid_steps=3)) == keys[0]
+
+
 def test_compare_classification_trains_the_score_head(tmp_path, cache, capsys):
     out = tmp_path / "sum"
     assert main(["compare", *FAST, "--target", "sum", "--out", str(out), "--cache", str(cache)]) == 0
     capsys.readouterr()
     results = _load_results(out)
-    runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == set(METHODS)
-    (base_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-add")]
+    summaries = {s["method"]: s for s in results["summaries"]}
+    assert set(summaries) == set(METHODS)
+    (base_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-add+sub")]
     body, _ = load_model(base_dir)
     n_classes = 3
     # the head every method starts from: a fresh GPTForSequenceClassification's, seed 0
     initial_score = GPTForSequenceClassification(body.config, n_classes, 0).score.weight.numpy()
-    for method, run in runs.items():
-        metrics = run["target_metrics"]
-        assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
-        assert run["target_after"] == metrics["accuracy"]
-        with np.load(out / run["file"], allow_pickle=False) as npz:
+    for method, summary in summaries.items():
+        shared = out / method / ("model/model.npz" if method == "full" else "adapter/adapter_model.npz")
+        with np.load(shared, allow_pickle=False) as npz:
             assert "score.weight" in npz.files, method
-            trained = npz["score.weight"]
-        assert trained.shape == initial_score.shape == (n_classes, D)
-        assert not np.allclose(trained, initial_score), f"{method} did not train the score head"
-    assert runs["lora"]["trainable_params"] == _lora_trainable(extra=n_classes * D)
-    assert runs["pissa"]["trainable_params"] == _lora_trainable(extra=n_classes * D)
+            saved = npz["score.weight"]
+        assert saved.shape == initial_score.shape == (n_classes, D)
+    for run in results["runs"]:
+        assert 0 <= run["target_after"] <= 1
+    assert summaries["lora"]["trainable_params"] == _lora_trainable(extra=n_classes * D)
+    assert summaries["pissa"]["trainable_params"] == _lora_trainable(extra=n_classes * D)
 
 
 def test_pretrain_command(tmp_path, capsys):
@@ -148,6 +162,8 @@ def test_help(argv, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["pretrain", "--task", "nope"], "nope"),
+    (["compare", "--source", "add,nope"], "nope"),
+    (["compare", "--study", "everything"], "everything"),
     (["compare", "--methods", "lora", "qlora"], "qlora"),
     (["compare", "--target", "text"], "text"),
     (["pretrain", "--steps", "many"], "many"),
@@ -166,9 +182,27 @@ def test_bad_values_caught_by_the_library_exit_nonzero(tmp_path, capsys):
     """Errors found after parsing (same source and target) are a one-line message and exit 2,
     before anything is trained or written."""
     out, cache = tmp_path / "out", tmp_path / "cache"
-    assert main(["compare", "--source", "add", "--target", "add", "--out", str(out),
+    assert main(["compare", "--source", "add,sub", "--target", "sub", "--out", str(out),
                  "--cache", str(cache), "--quiet"]) != 0
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "add" in err
+    assert err.startswith("error:") and "sub" in err
     assert "Traceback" not in err
     assert not out.exists() and not cache.exists()
+
+
+def test_rank_and_lowdata_studies_from_the_command_line(tmp_path, cache, capsys):
+    tiny = list(FAST)
+    tiny[tiny.index("--seeds") + 1:tiny.index("--seeds") + 1 + len(SEEDS)] = ["0"]  # one seed
+    out = tmp_path / "studies"
+    assert main(["compare", *tiny, "--study", "rank", "--out", str(out), "--cache", str(cache)]) == 0
+    rank = json.loads((out / "rank" / "results.json").read_text())
+    assert rank["ranks"] == [1, 2, 4, 8, 16]  # 64 > the model's width 16: skipped
+    assert [(row["r"], row["method"]) for row in rank["by_rank"]] == \
+        [(r, m) for m in ("lora", "pissa") for r in (1, 2, 4, 8, 16)]
+    assert [row["trainable_params"] for row in rank["by_rank"][:5]] == \
+        [LAYERS * (4 * r * 2 * D + 2 * r * 5 * D) for r in (1, 2, 4, 8, 16)]
+    assert (out / "rank" / "rank_study.png").read_bytes()[:8] == PNG_MAGIC
+    assert main(["compare", *tiny, "--study", "lowdata", "--out", str(out), "--cache", str(cache)]) == 0
+    low = _load_results(out / "lowdata")
+    assert low["config"]["max_train"] == 300
+    assert "300 training examples" in capsys.readouterr().out

@@ -219,7 +219,7 @@ def test_arithmetic_vocabulary_is_shared():
 
 
 def test_arithmetic_errors():
-    with pytest.raises(ValueError, match=r"\['\+', '-', '\*'\]"):
+    with pytest.raises(ValueError, match=r"\['\+', '-', '\*', '\|'\]"):
         ArithmeticTask("/")
     with pytest.raises(ValueError, match="n_digits"):
         ArithmeticTask(n_digits=0)

@@ -4,7 +4,7 @@
 * ``text`` – corpora (:func:`stdlib_docs_text`, :func:`load_text_file`) and :class:`TextDataset`,
   random windows for next-token pretraining.
 * ``tasks`` – :class:`ArithmeticTask` and :class:`SumClassificationTask`, small fine-tuning tasks
-  with exact answers and a held-out test split.
+  with exact answers, held-out validation and test splits, and :class:`SkillMixture` of several.
 * ``vocab`` – :func:`text_tokenizer`, the one vocabulary of the real-text tasks (with a mask token).
 * ``mlm`` – :func:`mask_tokens` (BERT's 15% / 80-10-10) and :class:`MaskedLMDataset`.
 * ``ner`` – :class:`NERCorpus`, template sentences tagged BIO per character.
@@ -19,6 +19,7 @@ from .tasks import (
     IGNORE_INDEX,
     PAD_CHAR,
     ArithmeticTask,
+    SkillMixture,
     SumClassificationTask,
 )
 from .doc_sections import DocSectionsTask
@@ -41,6 +42,7 @@ __all__ = [
     "MaskedLMDataset",
     "NERCorpus",
     "NumberTranslationTask",
+    "SkillMixture",
     "SumClassificationTask",
     "TextDataset",
     "bio_tags",

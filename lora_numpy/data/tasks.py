@@ -6,8 +6,10 @@ single base model (one embedding table, one output layer) can be adapted to any 
 * :class:`ArithmeticTask` – generate the answer: ``"07+35="`` -> ``"042"``.
 * :class:`SumClassificationTask` – classify the input: ``"07+35"`` -> which range holds the sum.
 
-Every operand pair is enumerated, shuffled with the task's own seed and split into train and test
-once, so a test problem is never seen in training and any answer can be checked exactly.
+Every operand pair is enumerated, shuffled with the task's own seed and split into train, validation
+(optional) and test once, so a test problem is never seen in training or used for a choice, and any
+answer can be checked exactly. :class:`SkillMixture` draws batches from several arithmetic tasks at
+once: a base model pretrained on it must read the operator to know which skill a prompt asks for.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import numpy as np
 from .text import pick_split, random_indices
 from .tokenizer import CharTokenizer
 
-ARITHMETIC_CHARS = "0123456789+-*= "
+ARITHMETIC_CHARS = "0123456789+-*= |"  # "|" came last, so older ids did not move
 PAD_CHAR = " "  # pads short sequences; no problem text contains it, so it is never ambiguous
 IGNORE_INDEX = -100  # a target the loss skips (the value PyTorch's cross-entropy uses too)
-OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "|": lambda a, b: abs(a - b)}  # | : |a-b|
 MAX_DIGITS = 3  # 10**(2 * 3) = one million operand pairs; one more digit would be 100 million
 
 
@@ -39,16 +41,26 @@ def _all_pairs(n_digits: int) -> np.ndarray:
     return np.stack([a.ravel(), b.ravel()], axis=1)
 
 
-def _split_pairs(pairs: np.ndarray, test_fraction: float, seed: int) -> dict:
-    """Shuffle the rows of ``pairs`` (N, 2) and cut them into {"train": ..., "test": ...}.
+def _split_pairs(pairs: np.ndarray, test_fraction: float, seed: int, val_fraction: float = 0.0,
+                 max_train: int | None = None) -> dict:
+    """Shuffle the rows of ``pairs`` (N, 2) and cut them into {"train", "val", "test"} ("val" only
+    when ``val_fraction`` > 0). The test rows come first in the shuffled order and validation next,
+    so adding a validation split takes it from training and leaves the test set unchanged.
+    ``max_train`` keeps only that many training rows (a low-data variant of the same task).
 
     The task owns this Generator (not the caller's batch Generator), so the split depends on
     ``seed`` alone and stays the same however many batches are drawn afterwards."""
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if not (0.0 <= test_fraction and 0.0 <= val_fraction and test_fraction + val_fraction < 1.0):
+        raise ValueError(f"test_fraction and val_fraction must be >= 0 with a sum below 1, "
+                         f"got {test_fraction} and {val_fraction}")
+    if max_train is not None and max_train < 1:
+        raise ValueError(f"max_train must be a positive number of examples or None, got {max_train}")
     order = np.random.default_rng(seed).permutation(len(pairs))
-    n_test = int(round(len(pairs) * test_fraction))
-    return {"train": pairs[order[n_test:]], "test": pairs[order[:n_test]]}
+    n_test, n_val = int(round(len(pairs) * test_fraction)), int(round(len(pairs) * val_fraction))
+    splits = {"train": pairs[order[n_test + n_val:]][:max_train], "test": pairs[order[:n_test]]}
+    if val_fraction > 0:
+        splits["val"] = pairs[order[n_test:n_test + n_val]]
+    return splits
 
 
 def _operands_text(a: int, b: int, op: str, n_digits: int) -> str:
@@ -65,13 +77,14 @@ class _OperandPairTask:
     test, written in the ``ARITHMETIC_CHARS`` vocabulary. Subclasses define ``format`` and
     ``seq_len``."""
 
-    def __init__(self, pairs: np.ndarray, n_digits: int, test_fraction: float, seed: int):
+    def __init__(self, pairs: np.ndarray, n_digits: int, test_fraction: float, seed: int,
+                 val_fraction: float = 0.0, max_train: int | None = None):
         self.n_digits = n_digits
         self.tokenizer = CharTokenizer(ARITHMETIC_CHARS)
-        self._splits = _split_pairs(pairs, test_fraction, seed)
+        self._splits = _split_pairs(pairs, test_fraction, seed, val_fraction, max_train)
 
     def operands(self, split: str) -> np.ndarray:
-        """The (a, b) pairs of a split ("train" or "test"): int64 (N, 2)."""
+        """The (a, b) pairs of a split ("train", "test", or "val" if it has one): int64 (N, 2)."""
         return pick_split(self._splits, split).copy()
 
     def _encode(self, pairs: np.ndarray) -> np.ndarray:
@@ -84,8 +97,8 @@ class ArithmeticTask(_OperandPairTask):
     """Answer ``a op b`` exactly, e.g. for ``op="+"``, ``n_digits=2``: ``"07+35=042"``.
 
     The answer has a fixed width too: enough digits for the largest result of the operation
-    (for 2-digit operands: 3 for "+", 2 for "-", 4 for "*"). For "-", only pairs with a >= b
-    are used, so results are never negative.
+    (for 2-digit operands: 3 for "+", 2 for "-" and "|", 4 for "*"). For "-", only pairs with
+    a >= b are used, so results are never negative; "|" is the distance ``|a - b|``, any pair.
 
     ``reverse_answer=True`` writes the answer digits backwards (``"07+35=240"``). A model emits
     the answer left to right, but addition works right to left: each digit needs the carry from
@@ -94,11 +107,13 @@ class ArithmeticTask(_OperandPairTask):
     this way (Lee et al., 2023, "Teaching Arithmetic to Small Transformers").
 
     Args:
-        op: "+", "-" or "*".
+        op: "+", "-", "*" or "|".
         n_digits: digits per operand, 1 to 3 (10**(2 * n_digits) problems).
         test_fraction: share of the problems held out for testing, in [0, 1).
-        seed: seeds the train/test split.
+        seed: seeds the train/val/test split.
         reverse_answer: write answers least significant digit first.
+        val_fraction: share held out for validation (choices such as the learning rate), or 0.
+        max_train: keep only this many training problems (None: all).
 
     Attributes:
         tokenizer: ``CharTokenizer`` over ``ARITHMETIC_CHARS``.
@@ -108,7 +123,8 @@ class ArithmeticTask(_OperandPairTask):
     """
 
     def __init__(self, op: str = "+", n_digits: int = 2, test_fraction: float = 0.1,
-                 seed: int = 0, reverse_answer: bool = False):
+                 seed: int = 0, reverse_answer: bool = False, val_fraction: float = 0.0,
+                 max_train: int | None = None):
         if op not in OPS:
             raise ValueError(f"op must be one of {list(OPS)}, got {op!r}")
         _check_n_digits(n_digits)
@@ -116,10 +132,12 @@ class ArithmeticTask(_OperandPairTask):
         pairs = _all_pairs(n_digits)
         if op == "-":
             pairs = pairs[pairs[:, 0] >= pairs[:, 1]]
-        super().__init__(pairs, n_digits, test_fraction, seed)
+        super().__init__(pairs, n_digits, test_fraction, seed, val_fraction, max_train)
 
         largest = 10**n_digits - 1
-        largest_result = OPS[op](largest, 0 if op == "-" else largest)  # a - b peaks at b = 0
+        # every op here peaks at a corner of the operand square ("-" only where a >= b)
+        largest_result = max(OPS[op](a, b) for a in (0, largest) for b in (0, largest)
+                             if op != "-" or a >= b)
         self.prompt_len = 2 * n_digits + 2
         self.answer_len = len(str(largest_result))
         self.seq_len = self.prompt_len + self.answer_len
@@ -200,7 +218,8 @@ class SumClassificationTask(_OperandPairTask):
     """
 
     def __init__(self, n_digits: int = 2, boundaries: tuple[int, ...] = (66, 133),
-                 test_fraction: float = 0.2, seed: int = 0):
+                 test_fraction: float = 0.2, seed: int = 0, val_fraction: float = 0.0,
+                 max_train: int | None = None):
         _check_n_digits(n_digits)
         self.boundaries = tuple(int(x) for x in boundaries)
         max_sum = 2 * (10**n_digits - 1)
@@ -211,7 +230,7 @@ class SumClassificationTask(_OperandPairTask):
                 f"boundaries must be strictly increasing sums in 1..{max_sum} "
                 f"(the largest sum of two {n_digits}-digit numbers), got {boundaries}"
             )
-        super().__init__(_all_pairs(n_digits), n_digits, test_fraction, seed)
+        super().__init__(_all_pairs(n_digits), n_digits, test_fraction, seed, val_fraction, max_train)
         self.pad_id = int(self.tokenizer.encode(PAD_CHAR)[0])
         self.seq_len = 2 * n_digits + 1
         self.n_classes = len(self.boundaries) + 1
@@ -261,3 +280,43 @@ class SumClassificationTask(_OperandPairTask):
     def examples(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The whole split as ``(x, lengths, labels)``, shapes as in ``get_batch`` with N rows."""
         return self._inputs(pick_split(self._splits, split))
+
+
+class SkillMixture:
+    """Several arithmetic skills in one stream of batches, e.g. "+" and "-": each row of a batch
+    is a problem of a skill drawn uniformly, so a model trained on it must read the operator to
+    know what to answer. Shorter problems are right-padded with ``PAD_CHAR`` whose targets are
+    ``IGNORE_INDEX``, so padding is never learned.
+
+    Args:
+        tasks: ArithmeticTasks in one vocabulary, keyed by a skill name, e.g. {"add": ..., "sub": ...}.
+
+    Attributes:
+        tasks: the same dict; evaluate each skill on its own split with ``tasks[name]``.
+        tokenizer: the shared ``CharTokenizer``.
+        seq_len: the longest problem's length (the model's block size must hold it).
+    """
+
+    def __init__(self, tasks: dict):
+        if len(tasks) < 2:
+            raise ValueError(f"a mixture needs at least two skills, got {list(tasks)}")
+        vocabularies = {t.tokenizer.chars for t in tasks.values()}
+        if len(vocabularies) != 1:
+            raise ValueError(f"the skills {list(tasks)} do not share one vocabulary: {vocabularies}")
+        self.tasks = dict(tasks)
+        self.tokenizer = next(iter(tasks.values())).tokenizer
+        self.seq_len = max(t.seq_len for t in tasks.values())
+        self.pad_id = int(self.tokenizer.encode(PAD_CHAR)[0])
+
+    def get_batch(self, split: str, batch_size: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y), both (batch_size, seq_len - 1) int64, as ``ArithmeticTask.get_batch`` but with
+        rows of every skill (grouped by skill; the rows' order does not matter to the loss)."""
+        skill = rng.integers(0, len(self.tasks), batch_size)
+        xs, ys = [], []
+        for k, task in enumerate(self.tasks.values()):
+            x, y = task.get_batch(split, int((skill == k).sum()), rng)
+            width = ((0, 0), (0, self.seq_len - task.seq_len))
+            xs.append(np.pad(x, width, constant_values=self.pad_id))
+            ys.append(np.pad(y, width, constant_values=IGNORE_INDEX))
+        return np.concatenate(xs), np.concatenate(ys)

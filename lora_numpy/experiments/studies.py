@@ -1,0 +1,178 @@
+"""Floor 8: the longer studies behind ``python -m lora_numpy compare --study NAME``.
+
+    rank     LoRA and PiSSA at r in RANKS (alpha = 2r, so the scale alpha/r stays 2 and the
+             learning rate chosen at the default rank carries over), full fine-tuning as reference
+    lowdata  the main comparison with only LOWDATA_EXAMPLES target training problems
+    memory   peak step memory measured at the benchmark sizes, checked against the formula,
+             then projected with it to GPT-2 124M and LLaMA-2 7B / 70B
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import load_model
+from ..io import save_json
+from ..memory import (FLOAT32, FULL, LORA, MIXED_BF16, PROJECTED_SHAPES, PROJECTION_BATCH, PROJECTION_SEQ,
+                      MemoryBreakdown, ModelShape, measure_step, step_memory_formula)
+from ..models import GPT, GPTConfig
+from ..optim import AdamW
+from ..peft import LoraConfig, get_peft_model
+from ..recipes import BENCHMARK_SIZES, make_task
+from ..train import default_loss
+from .side_by_side import (CompareConfig, MethodSummary, base_model, compare, pick_lr, run_method,
+                           source_scores, summarize)
+from .methods import METHODS
+
+RANKS = (1, 2, 4, 8, 16, 64)
+LOWDATA_EXAMPLES = 300
+
+
+def lowdata(cfg: CompareConfig, progress: bool = True):
+    """The main comparison again, with only a few hundred target examples to learn from."""
+    return compare(replace(cfg, max_train=LOWDATA_EXAMPLES, out=str(Path(cfg.out) / "lowdata")), progress)
+
+
+@dataclass
+class RankStudy:
+    ranks: tuple
+    full: MethodSummary
+    by_rank: list                    # (r, MethodSummary) for lora and pissa
+    target_before: float             # the base model's target accuracy
+    source_before: float             # and its source accuracy, mean over skills
+    plot: str = ""
+
+
+def rank_study(cfg: CompareConfig, progress: bool = True, ranks=RANKS) -> RankStudy:
+    """Capacity: target gained and source kept as the rank grows, over the same seeds. Ranks
+    above the model's width are skipped (a rank-r update needs r <= both sides of a matrix)."""
+    from ..plots import save_rank_study
+
+    ranks = tuple(r for r in ranks if r <= cfg.size.n_embd)
+    out = Path(cfg.out) / "rank"
+    source, target = make_task(cfg.source), make_task(cfg.target, max_train=cfg.max_train)
+    base_dir = base_model(cfg, progress)
+    base = load_model(base_dir)[0]
+    target_before = target.evaluate(base)[target.metric]
+    source_before = float(np.mean(list(source_scores(source, base).values())))
+    summaries = {}
+    for name in ("full", "lora", "pissa"):
+        method = METHODS[name]
+        choice = pick_lr(method, base_dir, target, cfg)  # at the default rank
+        print(f"{name:>5} lr on validation (* chosen): {choice}")
+        for r in (ranks if method.has_adapter else (None,)):
+            lora = cfg.lora if r is None else replace(cfg.lora, r=r, lora_alpha=2 * r)
+            runs = [run_method(method, choice.chosen, seed, base_dir, source, target, cfg, lora, progress)
+                    for seed in cfg.seeds]
+            summaries[name, r] = summarize(method, choice, runs, base_dir, target, cfg, out / f"r{r}", lora)
+            s = summaries[name, r]
+            print(f"{name:>5} r={r}: target {s.target}, source retained {s.retained}")
+    study = RankStudy(ranks, summaries["full", None],
+                      [(r, s) for (n, r), s in summaries.items() if n != "full"], target_before, source_before)
+    study.plot = str(save_rank_study(study, out))
+    save_json(out / "results.json", {"ranks": list(ranks), "full": asdict(study.full),
+                                     "target_before": target_before, "source_before": source_before,
+                                     "by_rank": [{"r": r, **asdict(s)} for r, s in study.by_rank]})
+    return study
+
+
+@dataclass
+class MeasuredMemory:
+    size: str
+    method: str
+    params: int
+    measured_peak: int
+    formula: MemoryBreakdown
+
+    @property
+    def error(self) -> float:
+        """(formula - measured) / measured."""
+        return self.formula.total / self.measured_peak - 1
+
+
+@dataclass
+class ProjectedMemory:
+    shape: str
+    method: str
+    precision: str
+    params: int
+    trainable: int
+    memory: MemoryBreakdown
+
+
+@dataclass
+class MemoryStudy:
+    measured: list
+    projected: list
+    batch: int = PROJECTION_BATCH
+    seq: int = PROJECTION_SEQ
+    split_shape: str = "LLaMA-2 7B"
+    plot: str = ""
+
+
+def measure_benchmark_size(name: str, kind) -> MeasuredMemory:
+    """One training step of the benchmark size ``name``, full or LoRA (all-linear, r=8), measured."""
+    size = BENCHMARK_SIZES[name]
+    config = GPTConfig(vocab_size=size.vocab, block_size=size.context, n_layer=size.model.n_layer,
+                       n_head=size.model.n_head, n_embd=size.model.n_embd)
+    model = GPT(config, seed=0)
+    if kind.lora_rank is not None:
+        model = get_peft_model(model, LoraConfig(r=kind.lora_rank, lora_alpha=2 * kind.lora_rank,
+                                                 target_modules=kind.lora_targets))
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
+    rng = np.random.default_rng(0)
+    batch = tuple(rng.integers(0, size.vocab, (size.batch, size.context)) for _ in range(2))
+    measure_step(model, batch, default_loss, optimizer)  # warm-up: creates the optimizer state
+    peak = measure_step(model, batch, default_loss, optimizer).measured_peak
+    formula = step_memory_formula(ModelShape.from_gpt_config(config, name), kind, FLOAT32, size.batch, size.context)
+    return MeasuredMemory(name, kind.name, model.num_parameters(), peak, formula)
+
+
+def project(shapes=PROJECTED_SHAPES, kinds=(FULL, LORA), precisions=(FLOAT32, MIXED_BF16),
+            batch: int = PROJECTION_BATCH, seq: int = PROJECTION_SEQ) -> list:
+    rows = []
+    for shape in shapes:
+        for precision in precisions:
+            for kind in kinds:
+                trainable = (shape.num_parameters() if kind.lora_rank is None
+                             else shape.lora_parameters(kind.lora_rank, kind.lora_targets))
+                rows.append(ProjectedMemory(shape.name, kind.name, precision.name, shape.num_parameters(),
+                                            trainable, step_memory_formula(shape, kind, precision, batch, seq)))
+    return rows
+
+
+def memory_study(out, progress: bool = True, sizes=tuple(BENCHMARK_SIZES)) -> MemoryStudy:
+    from ..plots import save_memory_study
+
+    measured = []
+    for name in sizes:
+        for kind in (FULL, LORA):
+            measured.append(measure_benchmark_size(name, kind))
+            if progress:
+                m = measured[-1]
+                print(f"measured {name:>6} {kind.name:>4}: peak {m.measured_peak / 2**20:8.2f} MiB, "
+                      f"formula {m.formula.total / 2**20:8.2f} MiB ({m.error:+.1%})")
+    study = MemoryStudy(measured, project())
+    study.plot = str(save_memory_study(study, out))
+    save_json(Path(out) / "memory.json", {
+        "measured": [{**asdict(m), "error": m.error} for m in measured],
+        "projected": [asdict(p) for p in study.projected],
+        "projection_tokens": {"batch": study.batch, "seq": study.seq}})
+    return study
+
+
+def format_memory(study: MemoryStudy) -> str:
+    gib = lambda b: f"{b / 2**30:9.2f}"
+    lines = [f"projected peak of one training step, batch {study.batch} x {study.seq} tokens, GiB "
+             "(LoRA: r=8 on every Linear of the blocks; optimizer: AdamW m and v, plus the float32 "
+             "master weights in mixed precision; activ.: activations and backward buffers)",
+             f"{'model':<12} {'params':>14} {'precision':<10} {'method':<6} {'trainable':>14} "
+             f"{'weights':>9} {'grads':>9} {'optimizer':>9} {'activ.':>9} {'total':>9}"]
+    for p in study.projected:
+        m = p.memory
+        lines.append(f"{p.shape:<12} {p.params:>14,} {p.precision.split(' ')[0]:<10} {p.method:<6} "
+                     f"{p.trainable:>14,} {gib(m.weights)} {gib(m.gradients)} {gib(m.optimizer_state)} "
+                     f"{gib(m.activations + m.backward_buffers)} {gib(m.total)}")
+    return "\n".join(lines)
