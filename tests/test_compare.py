@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from lora_numpy.checkpoint import load_model
+from lora_numpy.io import load_arrays
 from lora_numpy.cli import main
 from lora_numpy.models import GPTForSequenceClassification
 
@@ -66,8 +68,8 @@ def test_compare_end_to_end(tmp_path, cache, capsys):
     assert lora["trainable_params"] == pissa["trainable_params"] == _lora_trainable()
     assert lora["all_params"] == full["all_params"] + _lora_trainable()
     assert lora["file_bytes"] < full["file_bytes"]
-    with np.load(out / "lora" / "adapter" / "adapter_model.npz", allow_pickle=False) as npz:
-        assert sum(npz[k].size for k in npz.files) == lora["trainable_params"]
+    adapter = load_file(out / "lora" / "adapter" / "adapter_model.safetensors")
+    assert sum(a.size for a in adapter.values()) == lora["trainable_params"]
 
     with open(out / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -123,10 +125,10 @@ def test_compare_classification_trains_the_score_head(tmp_path, cache, capsys):
     # the head every method starts from: a fresh GPTForSequenceClassification's, seed 0
     initial_score = GPTForSequenceClassification(body.config, n_classes, 0).score.weight.numpy()
     for method, summary in summaries.items():
-        shared = out / method / ("model/model.npz" if method == "full" else "adapter/adapter_model.npz")
-        with np.load(shared, allow_pickle=False) as npz:
-            assert "score.weight" in npz.files, method
-            saved = npz["score.weight"]
+        if method == "full":
+            saved = load_arrays(out / method / "model" / "model.npz")["score.weight"]
+        else:  # PEFT's key: the adapter trains the head through modules_to_save
+            saved = load_file(out / method / "adapter" / "adapter_model.safetensors")["base_model.model.score.weight"]
         assert saved.shape == initial_score.shape == (n_classes, D)
     for run in results["runs"]:
         assert 0 <= run["target_after"] <= 1

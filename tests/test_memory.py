@@ -112,7 +112,7 @@ def test_lora_activations_close_to_the_formula(measured):
     """The formula counts every op; with frozen embeddings the first ops keep no graph, so the
     measured figure may only come out a little lower."""
     model, _, mem = measured["lora"]
-    assert [layer.r for _, layer in model.lora_layers()] == [LORA["r"]] * 8
+    assert [layer.r["default"] for _, layer in model.lora_layers()] == [LORA["r"]] * 8
     formula = _formula(model, Finetuning("lora", LORA["r"], LORA["target_modules"]))
     assert formula.weights == mem.params_frozen + mem.params_trainable
     assert formula.gradients == mem.gradients and formula.optimizer_state == mem.optimizer_state

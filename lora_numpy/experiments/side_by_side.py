@@ -201,7 +201,7 @@ def summarize(method: Method, choice: LrChoice, runs: list, base_dir, target: Ta
     model = prepare(method, base_dir, target, lora or cfg.lora, cfg.seeds[0])
     folder = out / method.name
     shared = (save_model(folder / "model", model) / "model.npz" if not method.has_adapter
-              else model.save_pretrained(folder / "adapter") / "adapter_model.npz")
+              else model.save_pretrained(folder / "adapter") / "adapter_model.safetensors")
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
     batch = target.batch_fn(cfg.train.batch_size)(np.random.default_rng(0))
     measure_step(model, batch, default_loss, optimizer)  # warm-up: creates the optimizer state
