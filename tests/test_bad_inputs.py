@@ -5,6 +5,8 @@ subclass) with ``names`` (the bad value, the field or the file) in its message. 
 grouped by floor; other parts of the package (PEFT, config files, the CLI) add their rows as
 more lists joined into ``CASES``.
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from lora_numpy.checkpoint import load_model, save_model
 from lora_numpy.models import GPT, GPTConfig, GPTForSequenceClassification
 from lora_numpy.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from lora_numpy.optim import SGD, set_lr
+from lora_numpy.peft import LoraConfig, PeftModel, get_peft_model
 from lora_numpy.train import TrainConfig, train
 
 
@@ -265,7 +268,132 @@ TRAIN = [
          ValueError, "3 learning rates for 2"),
 ]
 
-CASES = ENGINE + MODEL + IO + CHECKPOINT + TRAIN
+
+# ---- PEFT: LoraConfig, get_peft_model, PeftModel --------------------------------------------------
+QV = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+
+
+def adapted():
+    return get_peft_model(gpt(), QV, seed=0)
+
+
+def adapt_twice(_):
+    model = adapted()
+    get_peft_model(model.base_model, LoraConfig(target_modules="all-linear"))
+
+
+def save_after_merge(tmp):
+    model = adapted()
+    model.save_pretrained(tmp / "adapter")
+    model.merge_and_unload()
+    model.save_pretrained(tmp / "adapter")  # would overwrite the good adapter with an empty one
+
+
+def save_diverged_adapter(tmp):
+    model = adapted()
+    model.base_model.blocks[0].attn.q_proj.lora_B["default"].weight.data[0, 0] = np.nan
+    model.save_pretrained(tmp / "adapter")
+
+
+PEFT = [
+    case("LoraConfig/r-zero", lambda _: LoraConfig(r=0), ValueError, "got 0"),
+    case("LoraConfig/r-float", lambda _: LoraConfig(r=2.5), ValueError, "got 2.5"),
+    case("LoraConfig/alpha-inf", lambda _: LoraConfig(lora_alpha=float("inf")), ValueError, "lora_alpha"),
+    case("LoraConfig/alpha-negative", lambda _: LoraConfig(lora_alpha=-1), ValueError, "got -1"),
+    case("LoraConfig/dropout-one", lambda _: LoraConfig(lora_dropout=1.0), ValueError, "got 1.0"),
+    case("LoraConfig/rslora-string", lambda _: LoraConfig(use_rslora="false"), TypeError, "'false'"),
+    case("LoraConfig/init-typo", lambda _: LoraConfig(init_lora_weights="pisa"), ValueError, "'pisa'"),
+    case("LoraConfig/pissa-with-dropout", lambda _: LoraConfig(init_lora_weights="pissa", lora_dropout=0.1),
+         ValueError, "lora_dropout=0"),
+    case("LoraConfig/bias", lambda _: LoraConfig(bias="some"), ValueError, "'some'"),
+    case("LoraConfig/invalid-regex", lambda _: LoraConfig(target_modules=r"blocks\.(q_proj"), ValueError,
+         "is not a valid regular expression"),
+    case("LoraConfig/empty-targets", lambda _: LoraConfig(target_modules=[]), ValueError, "target_modules is empty"),
+    case("LoraConfig/peft-type", lambda _: LoraConfig(peft_type="PREFIX_TUNING"), ValueError, "'PREFIX_TUNING'"),
+    case("get_peft_model/unknown-target", lambda _: get_peft_model(gpt(), LoraConfig(target_modules=["query"])),
+         ValueError, "('query',) matched no module"),
+    case("get_peft_model/target-is-layernorm", lambda _: get_peft_model(gpt(), LoraConfig(target_modules=["ln_1"])),
+         ValueError, "'blocks.0.ln_1' is a LayerNorm"),
+    # a bare string is one name, not its letters: the message names ('score',)
+    case("get_peft_model/modules_to_save-string", lambda _: get_peft_model(gpt(), LoraConfig(modules_to_save="score")),
+         ValueError, "modules_to_save=('score',)"),
+    case("get_peft_model/already-adapted", adapt_twice, ValueError, "already holds LoRA layers"),
+    case("get_peft_model/adapter-name-dot", lambda _: get_peft_model(gpt(), QV, adapter_name="a.b"), ValueError, "'a.b'"),
+    case("PeftModel/add-existing-adapter", lambda _: adapted().add_adapter("default", QV), ValueError, "'default'"),
+    case("PeftModel/unknown-adapter", lambda _: adapted().set_adapter("other"), ValueError, "other"),
+    case("save_pretrained/after-merge_and_unload", save_after_merge, ValueError, "refusing to write an empty adapter"),
+    case("save_pretrained/nan", save_diverged_adapter, ValueError, "lora_B"),
+]
+
+
+# ---- files: adapter_config.json and adapter_model.safetensors --------------------------------------
+def saved_adapter_then(edit):
+    """Save a good adapter, damage it with ``edit(folder)``, then load it onto a fresh model."""
+    def call(tmp):
+        adapted().save_pretrained(tmp / "adapter")
+        edit(tmp / "adapter")
+        return PeftModel.from_pretrained(gpt(), tmp / "adapter")
+    return call
+
+
+def edit_config(**changes):
+    def edit(folder):
+        config = lio.load_json(folder / "adapter_config.json")
+        lio.save_json(folder / "adapter_config.json", {**config, **changes})
+    return edit
+
+
+def raw_config(text_edit):
+    """Edit the JSON text itself (for what json.dumps would not write, such as Infinity)."""
+    def edit(folder):
+        path = folder / "adapter_config.json"
+        path.write_text(text_edit(path.read_text()))
+    return edit
+
+
+def truncate_safetensors(folder):
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def nan_in_safetensors(folder):
+    from safetensors.numpy import load_file, save_file
+    arrays = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in sorted(arrays) if "lora_A" in k)
+    arrays[key][0, 0] = np.nan
+    save_file(arrays, str(folder / "adapter_model.safetensors"))
+
+
+def delete(name):
+    return lambda folder: (folder / name).unlink()
+
+
+ADAPTER_FILES = [
+    case("adapter_config/rslora-string", saved_adapter_then(edit_config(use_rslora="false")), TypeError, "'false'"),
+    case("adapter_config/alpha-infinity",
+         saved_adapter_then(raw_config(lambda t: re.sub(r'"lora_alpha": [^,]+', '"lora_alpha": Infinity', t))),
+         ValueError, "lora_alpha must be a finite number, got inf"),
+    case("adapter_config/r-string", saved_adapter_then(edit_config(r="2")), ValueError, "got '2'"),
+    case("adapter_config/unknown-key", saved_adapter_then(edit_config(lora_rank=4)), ValueError, "['lora_rank']"),
+    case("adapter_config/peft-type", saved_adapter_then(edit_config(peft_type="PREFIX_TUNING")), ValueError,
+         "'PREFIX_TUNING'"),
+    case("adapter_config/unsupported-feature", saved_adapter_then(edit_config(fan_in_fan_out=True)), ValueError,
+         "fan_in_fan_out=True"),
+    case("adapter_config/invalid-regex", saved_adapter_then(edit_config(target_modules="(q_proj")), ValueError,
+         "'(q_proj'"),
+    case("adapter_config/not-an-object", saved_adapter_then(raw_config(lambda t: "[1, 2]")), ValueError, "list"),
+    case("adapter_config/truncated", saved_adapter_then(raw_config(lambda t: t[: len(t) // 2])), ValueError,
+         "adapter_config.json is not valid JSON"),
+    case("adapter_config/rank-differs-from-arrays", saved_adapter_then(edit_config(r=4)), ValueError,
+         "shape mismatches"),
+    case("adapter_config/missing", saved_adapter_then(delete("adapter_config.json")), FileNotFoundError,
+         "no adapter_config.json"),
+    case("adapter_model/truncated", saved_adapter_then(truncate_safetensors), ValueError,
+         "adapter_model.safetensors is not a valid safetensors file"),
+    case("adapter_model/nan", saved_adapter_then(nan_in_safetensors), ValueError, "hold NaN or inf"),
+]
+
+CASES = ENGINE + MODEL + IO + CHECKPOINT + TRAIN + PEFT + ADAPTER_FILES
 
 
 @pytest.mark.parametrize("call, error, names", CASES)
