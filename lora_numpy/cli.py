@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dataclasses import replace
 
+from .cli_checks import check_compare_args, check_pretrain_args, check_targets, os_error_line, output_lock
 from .experiments import METHODS, CompareConfig, compare, format_memory, format_table, lowdata, memory_study, rank_study
 from .recipes import ARITHMETIC_OPS, LM_TASKS, TASK_NAMES, ModelSize, pretrain
 
@@ -60,6 +62,14 @@ def _compare_config(args) -> CompareConfig:
         out=args.out, cache=args.cache)
 
 
+def _check_compare(args) -> None:
+    """The flags, then the LoRA settings against (a skeleton of) the model compare fine-tunes."""
+    check_compare_args(args)
+    cfg = _compare_config(args)
+    if any(METHODS[m].has_adapter for m in cfg.methods):
+        check_targets(cfg.lora, cfg.target, cfg.size.n_layer)
+
+
 def _cmd_compare(args) -> int:
     cfg = _compare_config(args)
     if args.study == "memory":
@@ -100,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-file", default=None, help="with --task text: your own UTF-8 text file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_size(p)
-    p.set_defaults(func=_cmd_pretrain)
+    p.set_defaults(func=_cmd_pretrain, check=check_pretrain_args)
 
     d = CompareConfig()
     p = sub.add_parser("compare", help="full fine-tuning vs LoRA vs PiSSA, side by side (the main job)",
@@ -134,15 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=d.cache, help="where base models are cached (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_model_size(p)
-    p.set_defaults(func=_cmd_compare)
+    p.set_defaults(func=_cmd_compare, check=_check_compare)
     return parser
 
 
 def main(argv=None) -> int:
+    """Check every flag (in well under a second), then run the command while holding the lock
+    on its --out folder. Errors are one line, ``error: ...`` on stderr, exit code 2."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        args.check(args)
+        with output_lock(args.out):
+            code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+        return code
+    except BrokenPipeError:  # the reader left (`compare | head -1`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + 13
+    except OSError as err:  # read-only folder, disk full, a file where a folder should be
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -2,15 +2,20 @@
 
 A row is ``case(id, call, error, names)``: ``call(tmp_path)`` must raise ``error`` (or a
 subclass) with ``names`` (the bad value, the field or the file) in its message. The table is
-grouped by floor; other parts of the package (PEFT, config files, the CLI) add their rows as
-more lists joined into ``CASES``.
+grouped by floor: engine, models, files, checkpoints, training, PEFT, adapter files, and the
+command line (whose rows raise ``CliError`` for exit code 2 with ``error: ...`` on stderr).
 """
+import contextlib
+import io
+import os
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
 
 from lora_numpy import Tensor
+from lora_numpy import cli
 from lora_numpy import functional as F
 from lora_numpy import io as lio
 from lora_numpy.checkpoint import load_model, save_model
@@ -393,7 +398,121 @@ ADAPTER_FILES = [
     case("adapter_model/nan", saved_adapter_then(nan_in_safetensors), ValueError, "hold NaN or inf"),
 ]
 
-CASES = ENGINE + MODEL + IO + CHECKPOINT + TRAIN + PEFT + ADAPTER_FILES
+
+# ---- the command line -----------------------------------------------------------------------------
+class CliError(Exception):
+    """What a refused command shows: exit code 2 and ``error: ...`` on stderr (argparse's own
+    errors too), raised so that a CLI row reads like every other row."""
+
+
+def _reached_work(*args, **kwargs):
+    raise AssertionError("the command started working: a bad flag must be refused before any training")
+
+
+def run_cli(*argv, setup=None):
+    """``python -m lora_numpy ARGV`` in this process, with --out/--cache under tmp (a row's own
+    flags come later and win). The work itself (pretrain, compare, the studies) is replaced by
+    an error, so a row also proves its check runs before any training."""
+    def call(tmp):
+        if setup is not None:
+            setup(tmp)
+        folders = ["--out", str(tmp / "out")] + (["--cache", str(tmp / "cache")] if argv[0] == "compare" else [])
+        stderr = io.StringIO()
+        with contextlib.ExitStack() as stack:
+            for name in ("pretrain", "compare", "lowdata", "rank_study", "memory_study"):
+                stack.enter_context(mock.patch.object(cli, name, _reached_work))
+            stack.enter_context(contextlib.redirect_stderr(stderr))
+            try:
+                code = cli.main([argv[0], *folders, "--quiet", *[a.format(tmp=tmp) for a in argv[1:]]])
+            except SystemExit as exit:  # argparse's errors
+                code = exit.code
+        text = stderr.getvalue()
+        if code == 2 and "error: " in text and "Traceback" not in text:
+            raise CliError(text.strip())
+        raise AssertionError(f"exit code {code}, stderr: {text!r}")
+    return call
+
+
+def a_file(*parts):
+    def setup(tmp):
+        path = tmp.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"a file")
+    return setup
+
+
+def text_file(data: bytes):
+    return lambda tmp: (tmp / "corpus.txt").write_bytes(data)
+
+
+def user_files_in_out(tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "mine.txt").write_text("keep me")
+
+
+def live_lock(tmp):
+    (tmp / ".out.lock").write_text(f"{os.getpid()}\n")  # this process: alive
+
+
+CLI = [
+    case("cli/compare-rank-zero", run_cli("compare", "--rank", "0"), CliError, "--rank must be >= 1, got 0"),
+    case("cli/compare-rank-above-width", run_cli("compare", "--rank", "80", "--n-embd", "64"), CliError,
+         "--rank 80 is larger than the model width --n-embd 64"),
+    case("cli/compare-alpha-zero", run_cli("compare", "--alpha", "0"), CliError, "--alpha must be a finite number > 0, got 0.0"),
+    case("cli/compare-alpha-inf", run_cli("compare", "--alpha", "inf"), CliError, "got inf"),
+    case("cli/compare-alpha-nan", run_cli("compare", "--alpha", "nan"), CliError, "got nan"),
+    case("cli/compare-unknown-target-module", run_cli("compare", "--target-modules", "query", "v_proj"), CliError,
+         "--target-modules query: no such layer in this model; choose among wte wpe q_proj"),
+    case("cli/compare-target-module-layernorm", run_cli("compare", "--target", "sum", "--target-modules", "ln_1"),
+         CliError, "--target-modules ln_1: no such layer"),
+    case("cli/compare-steps-zero", run_cli("compare", "--steps", "0"), CliError, "--steps must be >= 1, got 0"),
+    case("cli/compare-batch-size-zero", run_cli("compare", "--batch-size", "0"), CliError, "--batch-size must be >= 1, got 0"),
+    case("cli/compare-grid-steps-zero", run_cli("compare", "--grid-steps", "0"), CliError, "--grid-steps must be >= 1, got 0"),
+    case("cli/compare-base-steps-negative", run_cli("compare", "--base-steps", "-5"), CliError, "got -5"),
+    case("cli/compare-eval-every-negative", run_cli("compare", "--eval-every", "-1"), CliError, "--eval-every must be >= 0, got -1"),
+    case("cli/compare-max-train-zero", run_cli("compare", "--max-train", "0"), CliError, "--max-train must be >= 1, got 0"),
+    case("cli/compare-seed-negative", run_cli("compare", "--seeds", "0", "-1"), CliError, "--seeds takes integers >= 0, got 0 -1"),
+    case("cli/compare-seed-repeated", run_cli("compare", "--seeds", "3", "3"), CliError, "--seeds repeats a seed: 3 3"),
+    case("cli/compare-method-repeated", run_cli("compare", "--methods", "lora", "lora"), CliError, "['lora', 'lora']"),
+    case("cli/compare-lr-negative", run_cli("compare", "--lr-lora", "-0.01"), CliError, "--lr-lora must be a finite learning rate > 0, got -0.01"),
+    case("cli/compare-lr-inf", run_cli("compare", "--lr-full", "inf"), CliError, "--lr-full"),
+    case("cli/compare-heads-do-not-divide-width", run_cli("compare", "--n-embd", "30"), CliError,
+         "--n-embd 30 must be divisible by --n-head 4"),
+    case("cli/compare-no-layers", run_cli("compare", "--n-layer", "0"), CliError, "--n-layer must be >= 1, got 0"),
+    case("cli/compare-out-is-a-file", run_cli("compare", "--out", "{tmp}/taken", setup=a_file("taken")), CliError,
+         "taken is a file, not a folder"),
+    case("cli/compare-cache-under-a-file", run_cli("compare", "--cache", "{tmp}/taken/cache", setup=a_file("taken")),
+         CliError, "--cache"),
+    case("cli/compare-out-in-use", run_cli("compare", setup=live_lock), CliError, f"in use by another run (pid {os.getpid()}"),
+    case("cli/compare-unknown-target-task", run_cli("compare", "--target", "poetry"), CliError, "'poetry'"),
+    case("cli/compare-rank-not-an-integer", run_cli("compare", "--rank", "4.5"), CliError, "'4.5'"),
+    case("cli/pretrain-steps-zero", run_cli("pretrain", "--steps", "0"), CliError, "--steps must be >= 1, got 0"),
+    case("cli/pretrain-lr-nan", run_cli("pretrain", "--lr", "nan"), CliError, "--lr must be a finite learning rate > 0, got nan"),
+    case("cli/pretrain-seed-negative", run_cli("pretrain", "--seed", "-1"), CliError, "--seed takes integers >= 0, got -1"),
+    case("cli/pretrain-text-file-without-task-text",
+         run_cli("pretrain", "--text-file", "{tmp}/corpus.txt", setup=text_file(b"words " * 500)), CliError,
+         "only applies to --task text (got --task add)"),
+    case("cli/pretrain-text-file-missing", run_cli("pretrain", "--task", "text", "--text-file", "{tmp}/none.txt"),
+         CliError, "none.txt is not a file (no such path)"),
+    case("cli/pretrain-text-file-is-a-folder", run_cli("pretrain", "--task", "text", "--text-file", "{tmp}"),
+         CliError, "is not a file"),
+    case("cli/pretrain-text-file-not-utf8",
+         run_cli("pretrain", "--task", "text", "--text-file", "{tmp}/corpus.txt", setup=text_file(b"caf\xe9 " * 500)),
+         CliError, "corpus.txt is not UTF-8 text (byte 3"),
+    case("cli/pretrain-text-file-too-short",
+         run_cli("pretrain", "--task", "text", "--text-file", "{tmp}/corpus.txt", setup=text_file(b"short")),
+         CliError, "corpus.txt is too short"),
+    case("cli/pretrain-out-holds-user-files", run_cli("pretrain", setup=user_files_in_out), CliError,
+         "holds files but no config.json"),
+    case("cli/pretrain-out-is-a-file", run_cli("pretrain", "--out", "{tmp}/taken", setup=a_file("taken")), CliError,
+         "taken is a file, not a folder"),
+    case("cli/pretrain-out-under-a-file", run_cli("pretrain", "--out", "{tmp}/taken/base", setup=a_file("taken")),
+         CliError, "taken is a file, not a folder"),
+    case("cli/pretrain-out-in-use", run_cli("pretrain", setup=live_lock), CliError, "in use by another run"),
+    case("cli/pretrain-task-sum", run_cli("pretrain", "--task", "sum"), CliError, "'sum'"),
+]
+
+CASES = ENGINE + MODEL + IO + CHECKPOINT + TRAIN + PEFT + ADAPTER_FILES + CLI
 
 
 @pytest.mark.parametrize("call, error, names", CASES)
