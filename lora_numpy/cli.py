@@ -13,7 +13,8 @@ import sys
 
 from dataclasses import replace
 
-from .cli_checks import check_compare_args, check_pretrain_args, check_targets, os_error_line, output_lock
+from .cli_checks import (check_compare_args, check_compare_folders, check_pretrain_args, check_targets,
+                         os_error_line, output_lock)
 from .experiments import METHODS, CompareConfig, compare, format_memory, format_table, lowdata, memory_study, rank_study
 from .recipes import ARITHMETIC_OPS, LM_TASKS, TASK_NAMES, ModelSize, pretrain
 
@@ -68,6 +69,7 @@ def _check_compare(args) -> None:
     cfg = _compare_config(args)
     if any(METHODS[m].has_adapter for m in cfg.methods):
         check_targets(cfg.lora, cfg.target, cfg.size.n_layer)
+    check_compare_folders(args)
 
 
 def _cmd_compare(args) -> int:

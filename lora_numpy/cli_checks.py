@@ -93,20 +93,16 @@ def check_text_file(args) -> None:
 
 
 def usable_folder(path, name: str, given=None) -> Path:
-    """Create folder ``path`` if needed and check it can be written: a file in its place (or in
-    the place of a folder above it), or a folder that cannot be written, is an error now, not
-    after training. ``given`` is the flag's value when ``path`` is derived from it."""
+    """Check that folder ``path`` exists or can be created, and can be written, without creating
+    anything (a refused command leaves no trace): a file in its place or in the place of a folder
+    above it, or a folder that cannot be written, is an error now, not after training.
+    ``given`` is the flag's value when ``path`` is derived from it."""
     path = Path(path)
     shown = f"{flag(name)} {given if given is not None else path}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
-        raise ValueError(f"{shown}: {blocker} is a file, not a folder; choose another path") from None
-    except OSError as err:
-        raise ValueError(f"{shown}: {path} cannot be created ({err.strerror}); choose a folder "
-                         "you can write to") from None
-    _require(os.access(path, os.W_OK | os.X_OK), f"{shown}: {path} is not writable; choose a folder you can write to")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the folder, or where it would start
+    _require(existing.is_dir(), f"{shown}: {existing} is a file, not a folder; choose another path")
+    _require(os.access(existing, os.W_OK | os.X_OK), f"{shown}: {existing} is not writable; choose a "
+                                                     "folder you can write to")
     return path
 
 
@@ -160,8 +156,8 @@ def check_targets(lora, target_name: str, n_layer: int) -> None:
 
 
 def check_compare_args(args) -> None:
-    """Everything ``compare`` needs, checked before a base is pretrained (call first; the
-    LoraConfig-level checks run when the config is built, then :func:`check_targets`)."""
+    """The values of ``compare``'s flags, checked before a base is pretrained. Then, in this
+    order: the config is built (its own checks), :func:`check_targets`, :func:`check_compare_folders`."""
     check_counts(args, ("steps", "batch_size", "grid_steps", "base_steps", "max_train"))
     check_counts(args, ("eval_every",), minimum=0)
     check_seeds("seeds", args.seeds)
@@ -171,6 +167,10 @@ def check_compare_args(args) -> None:
     check_model_size(args)
     if any(METHODS[m].has_adapter for m in args.methods):
         check_adapter_args(args)
+
+
+def check_compare_folders(args) -> None:
+    """--out and --cache; checked last, once every value is known to be good."""
     usable_folder(args.out, "out")
     usable_folder(args.cache, "cache")
 
@@ -199,6 +199,7 @@ def output_lock(folder):
     run holds it, take it over if its run is dead."""
     folder = Path(folder).resolve()
     lock = folder.parent / f".{folder.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

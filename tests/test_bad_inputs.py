@@ -413,11 +413,13 @@ def _reached_work(*args, **kwargs):
 def run_cli(*argv, setup=None):
     """``python -m lora_numpy ARGV`` in this process, with --out/--cache under tmp (a row's own
     flags come later and win). The work itself (pretrain, compare, the studies) is replaced by
-    an error, so a row also proves its check runs before any training."""
+    an error, so a row also proves its check runs before any training; a refused command
+    creates no folder."""
     def call(tmp):
         if setup is not None:
             setup(tmp)
         folders = ["--out", str(tmp / "out")] + (["--cache", str(tmp / "cache")] if argv[0] == "compare" else [])
+        before = sorted(p.name for p in tmp.iterdir())
         stderr = io.StringIO()
         with contextlib.ExitStack() as stack:
             for name in ("pretrain", "compare", "lowdata", "rank_study", "memory_study"):
@@ -428,6 +430,7 @@ def run_cli(*argv, setup=None):
             except SystemExit as exit:  # argparse's errors
                 code = exit.code
         text = stderr.getvalue()
+        assert sorted(p.name for p in tmp.iterdir()) == before, "a refused command left files behind"
         if code == 2 and "error: " in text and "Traceback" not in text:
             raise CliError(text.strip())
         raise AssertionError(f"exit code {code}, stderr: {text!r}")
