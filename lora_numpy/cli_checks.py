@@ -26,6 +26,7 @@ import numpy as np
 from .experiments import METHODS
 from .nn import Embedding, Linear
 from .peft import get_peft_model
+from .peft.targets import matches
 from .recipes import ModelSize, build_model, make_task
 
 
@@ -128,7 +129,8 @@ def check_pretrain_args(args) -> None:
 
 
 def check_adapter_args(args) -> None:
-    """--rank, --alpha and --target-modules, against the model `compare` will fine-tune."""
+    """--rank (at most the model width: a rank-r update needs r <= both sides of a matrix) and
+    --alpha; --target-modules is checked once the config is built (:func:`check_targets`)."""
     _require(args.rank >= 1, f"--rank must be >= 1, got {args.rank}")
     _require(args.rank <= args.n_embd,
              f"--rank {args.rank} is larger than the model width --n-embd {args.n_embd}: a rank-r update "
@@ -145,7 +147,7 @@ def check_targets(lora, target_name: str, n_layer: int) -> None:
     skeleton = build_model(target, ModelSize(n_layer, 1, lora.r), num_labels=num_labels)
     layers = [n for n, m in skeleton.named_modules() if isinstance(m, (Linear, Embedding))]
     if not isinstance(lora.target_modules, str):
-        unknown = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in layers)]
+        unknown = [t for t in lora.target_modules if not any(matches(n, [t]) for n in layers)]
         short = list(dict.fromkeys(n.rpartition(".")[2] for n in layers))
         _require(not unknown, f"--target-modules {' '.join(unknown)}: no such layer in this model; "
                               f"choose among {' '.join(short)}, or all-linear")
