@@ -114,6 +114,7 @@ def atomic_directory(path, marker: str | None = None):
     for stale in [*_siblings(path, "tmp"), *_parked(path)]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); a saved folder is an ordinary folder
     try:
         yield tmp
         for f in tmp.rglob("*"):  # every file on disk before the swap makes it visible
