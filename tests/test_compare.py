@@ -166,7 +166,7 @@ def test_help(argv, capsys):
     (["pretrain", "--task", "nope"], "nope"),
     (["compare", "--source", "add,nope"], "nope"),
     (["compare", "--study", "everything"], "everything"),
-    (["compare", "--methods", "lora", "qlora"], "qlora"),
+    (["compare", "--methods", "lora", "glora"], "glora"),
     (["compare", "--target", "text"], "text"),
     (["pretrain", "--steps", "many"], "many"),
     ([], "command"),
