@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default="main", choices=["main", "lowdata", "rank", "memory"],
                    help="main: the comparison; lowdata: the same with few target examples; rank: LoRA and "
                         "PiSSA across ranks; memory: measured and projected step memory (default %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS), help="default: all")
+    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS), help="default: %(default)s")
     p.add_argument("--source", default=d.source, type=_language_task, help="pretraining skills, comma-joined, from "
                    f"{', '.join(ARITHMETIC_OPS)} (default %(default)s)")
     p.add_argument("--target", default=d.target, choices=[t for t in TASK_NAMES if t != "text"],

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 from . import backend
 from .autograd import topological_order
+from .nn import frozen_nbytes
+from .quant import bits_per_parameter
 from .tensor import Tensor
 
 FLOAT_BYTES = 4
@@ -31,7 +33,7 @@ FLOAT_BYTES = 4
 class StepMemory:
     """Bytes held during one training step, by category."""
     params_trainable: int
-    params_frozen: int
+    params_frozen: int     # the frozen base: frozen Parameters plus 4-bit codes and statistics
     gradients: int
     optimizer_state: int
     activations: int
@@ -82,6 +84,7 @@ def measure_step(model, batch, loss_fn, optimizer) -> StepMemory:
     the optimizer state already exists, as it does on every step but the first."""
     params = model.parameters()
     trainable = [p for p in params if p.requires_grad]
+    frozen = frozen_nbytes(model)  # frozen Parameters plus 4-bit layers' codes and statistics
     on_gpu = backend.name == "cupy"
     gc.collect()
     if on_gpu:
@@ -95,19 +98,18 @@ def measure_step(model, batch, loss_fn, optimizer) -> StepMemory:
     loss.backward()
     gradients = sum(p.grad.nbytes for p in params if p.grad is not None)
     optimizer.step()
-    param_bytes = sum(p.data.nbytes for p in params)
+    trainable_bytes = sum(p.data.nbytes for p in trainable)
     state_bytes = optimizer_state_bytes(optimizer)
     if on_gpu:
         backend.xp.cuda.Device().synchronize()
         peak = pool.total_bytes()  # parameters live in the pool too
     else:
         # tracemalloc sees only what was allocated since start; what existed before is the
-        # parameters and the optimizer state, added back here.
-        peak = tracemalloc.get_traced_memory()[1] + param_bytes + state_bytes
+        # weights (trainable and frozen) and the optimizer state, added back here.
+        peak = tracemalloc.get_traced_memory()[1] + trainable_bytes + frozen + state_bytes
         tracemalloc.stop()
-    trainable_bytes = sum(p.data.nbytes for p in trainable)
     return StepMemory(
-        params_trainable=trainable_bytes, params_frozen=param_bytes - trainable_bytes,
+        params_trainable=trainable_bytes, params_frozen=frozen,
         gradients=gradients, optimizer_state=state_bytes,
         activations=activations, measured_peak=int(peak))
 
@@ -155,6 +157,10 @@ class ModelShape:
                else {"fc1": (c, f), "fc2": (f, c)})
         return {"q_proj": (c, c), "k_proj": (c, kv), "v_proj": (c, kv), "out_proj": (c, c), **mlp}
 
+    def linear_parameters(self) -> int:
+        """Weights of the blocks' Linears (what QLoRA stores in 4 bits), biases excluded."""
+        return self.n_layer * sum(i * o for i, o in self.linears().values())
+
     def num_parameters(self) -> int:
         c, bias = self.n_embd, not self.llama
         norm = c if self.llama else 2 * c                      # RMSNorm: weight; LayerNorm: weight, bias
@@ -168,7 +174,8 @@ class ModelShape:
         return self.n_layer * r * sum(i + o for name, (i, o) in self.linears().items()
                                       if targets == "all-linear" or name in targets)
 
-    def activation_floats(self, batch: int, seq: int, lora_rank: int = 0, targets="all-linear") -> int:
+    def activation_floats(self, batch: int, seq: int, lora_rank: int = 0, targets="all-linear",
+                          gradient_checkpointing: bool = False) -> int:
         """Floats this engine keeps for backward (N = batch·seq tokens, C = n_embd, F = MLP width).
 
         Per block, counted per op of lora_numpy: two LayerNorms keep output and normalised input
@@ -176,13 +183,18 @@ class ModelShape:
         and the residual sum (2·N·C), the MLP 3·N·F (fc1 output, GELU output and its tanh; for
         SwiGLU 4·N·F: gate, up, SiLU, product), fc2 and the residual (2·N·C), and the softmaxed
         attention matrix batch·H·seq². Outside the blocks: embeddings 2·N·C + seq·C, ln_f 2·N·C,
-        logits and log-probabilities 2·N·V. A LoRA layer adds its rank-r intermediate, N·r."""
+        logits and log-probabilities 2·N·V. A LoRA layer adds its rank-r intermediate, N·r.
+        With gradient checkpointing (as Hugging Face does it) each block keeps only its input,
+        N·C, and backward recomputes one block at a time: n_layer·N·C + one block's floats."""
         n, c = batch * seq, self.n_embd
         mlp = (4 if self.llama else 3) * n * self.mlp_width
         block = 10 * n * c + n * (c + 2 * self.kv_width) + mlp + batch * self.n_head * seq * seq
         adapted = sum(1 for name in self.linears() if targets == "all-linear" or name in targets)
         block += adapted * n * lora_rank
-        return self.n_layer * block + 2 * n * c + seq * c + 2 * n * c + 2 * n * self.vocab_size
+        outside = 2 * n * c + seq * c + 2 * n * c + 2 * n * self.vocab_size
+        if gradient_checkpointing:
+            return self.n_layer * n * c + block + outside
+        return self.n_layer * block + outside
 
     def backward_buffer_floats(self, batch: int, seq: int) -> int:
         """At the step's peak, early in backward (the last block's MLP), every activation is still
@@ -215,11 +227,17 @@ class Finetuning:
     name: str
     lora_rank: int | None = None         # None: every parameter trains (full fine-tuning)
     lora_targets: object = "all-linear"
-    frozen_linear_bits: float | None = None  # None: the precision's width; QLoRA would say 4 + 0.127
+    frozen_linear_bits: float | None = None  # None: the precision's width; QLoRA: QLORA_BITS
 
 
 FULL = Finetuning("full")
 LORA = Finetuning("lora", lora_rank=8)
+# QLoRA stores the blocks' frozen Linear weights in 4-bit NF4, blocks of 64, with double-quantized
+# statistics: 4 + 8/64 + 32/(64·256) ≈ 4.127 bits per weight. Everything else is as in LoRA: the
+# other frozen weights at the precision's width (bf16 in mixed precision), the adapter trained
+# in the mixed-precision recipe (bf16 weights and gradients, float32 master weights and AdamW).
+QLORA_BITS = bits_per_parameter(blocksize=64, compress_statistics=True)
+QLORA = Finetuning("qlora", lora_rank=8, frozen_linear_bits=QLORA_BITS)
 
 
 @dataclass
@@ -237,31 +255,88 @@ class MemoryBreakdown:
 
 
 def step_memory_formula(shape: ModelShape, method: Finetuning, precision: Precision, batch: int,
-                        seq: int) -> MemoryBreakdown:
+                        seq: int, gradient_checkpointing: bool = False) -> MemoryBreakdown:
     """Peak memory of one training step of ``method`` on ``shape``, by formula.
 
     weights = frozen·w + trainable·w; gradients = trainable·g; optimizer = trainable·(master + m + v);
     activations = activation_floats·a + 8 bytes per token id; plus the backward buffers at the peak, ·a.
+    With quantized frozen Linears (QLoRA) their weights cost frozen_linear_bits/8 bytes instead of w,
+    and the peak also holds one dequantized copy (·w) of the largest Linear, the one being multiplied.
     The same formula is checked against measurements of this engine (float32) and then projected."""
     n_all = shape.num_parameters()
     full = method.lora_rank is None
     trainable = n_all if full else shape.lora_parameters(method.lora_rank, method.lora_targets)
     frozen = 0 if full else n_all
     weights = (frozen + trainable) * precision.weight_bytes
+    dequantized = 0
     if method.frozen_linear_bits is not None and not full:  # quantized frozen Linear weights
-        linear = shape.n_layer * sum(i * o for i, o in shape.linears().values())
-        weights -= linear * (precision.weight_bytes - method.frozen_linear_bits / 8)
-    act = shape.activation_floats(batch, seq, method.lora_rank or 0, method.lora_targets)
+        weights -= shape.linear_parameters() * (precision.weight_bytes - method.frozen_linear_bits / 8)
+        dequantized = max(i * o for i, o in shape.linears().values()) * precision.weight_bytes
+    act = shape.activation_floats(batch, seq, method.lora_rank or 0, method.lora_targets, gradient_checkpointing)
     return MemoryBreakdown(
         weights=weights, gradients=trainable * precision.grad_bytes,
         optimizer_state=trainable * (precision.master_bytes + precision.optimizer_bytes),
         activations=act * precision.activation_bytes + 8 * batch * seq,  # + the int64 token ids
-        backward_buffers=shape.backward_buffer_floats(batch, seq) * precision.activation_bytes)
+        backward_buffers=shape.backward_buffer_floats(batch, seq) * precision.activation_bytes + dequantized)
 
 
 # Shapes to project to (the published configurations), and the batch they are projected at.
 GPT2_124M = ModelShape("GPT-2 124M", 12, 768, 12, 50257, 1024, tied_embeddings=True)
 LLAMA2_7B = ModelShape("LLaMA-2 7B", 32, 4096, 32, 32000, 4096, d_ff=11008, llama=True)
+LLAMA_65B = ModelShape("LLaMA 65B", 80, 8192, 64, 32000, 2048, d_ff=22016, llama=True)
 LLAMA2_70B = ModelShape("LLaMA-2 70B", 80, 8192, 64, 32000, 4096, d_ff=28672, n_kv_head=8, llama=True)
-PROJECTED_SHAPES = (GPT2_124M, LLAMA2_7B, LLAMA2_70B)
+PROJECTED_SHAPES = (GPT2_124M, LLAMA2_7B, LLAMA_65B, LLAMA2_70B)  # by size
+# (method, precision) pairs projected: QLoRA is a mixed-precision recipe (bf16 compute on a 4-bit base)
+PROJECTED_RUNS = ((FULL, FLOAT32), (LORA, FLOAT32), (FULL, MIXED_BF16), (LORA, MIXED_BF16), (QLORA, MIXED_BF16))
 PROJECTION_BATCH, PROJECTION_SEQ = 1, 1024  # one sequence of 1024 tokens per step
+
+
+# The QLoRA paper's headline (Dettmers et al. 2023, abstract and §1): fine-tuning a 65B model
+# fits on one 48 GB GPU. Its setting, from the Guanaco 65B script: LLaMA 65B, NF4 with double
+# quantization, LoRA r=64 on every Linear of the blocks, bf16, gradient checkpointing; the memory
+# is counted, as in the paper's Figure 6, for one sequence of 512 tokens.
+QLORA_PAPER = Finetuning("qlora", lora_rank=64, frozen_linear_bits=QLORA_BITS)
+QLORA_PAPER_BATCH, QLORA_PAPER_SEQ = 1, 512
+GPU_BYTES = 48 * 2**30  # a 48 GB card (RTX A6000, A40): 48 GiB
+
+
+@dataclass
+class QLoRAFit:
+    """One QLoRA training step of ``shape``, term by term (bytes), from ``step_memory_formula``."""
+    shape: str
+    lora_rank: int
+    batch: int
+    seq: int
+    linear_weights: int      # the blocks' frozen Linear weights, stored in 4 bits
+    other_weights: int       # embeddings, head, norms: frozen, at the precision's width (bf16)
+    adapter_params: int      # LoRA's A and B
+    codes: float             # linear_weights · 4 bits
+    statistics: float        # linear_weights · (QLORA_BITS − 4) bits: the double-quantized absmax
+    other: float             # other_weights · 2 bytes
+    adapter_weights: float   # adapter_params · 2 bytes (bf16)
+    adapter_gradients: float  # adapter_params · 2 bytes (bf16)
+    adapter_optimizer: float  # adapter_params · (4 float32 master + 8 AdamW m, v) bytes
+    activations: float       # checkpointed block inputs, one recomputed block, buffers at the peak
+    total: float
+    full_total: float        # full fine-tuning in the same setting, for scale
+
+    @property
+    def fits(self) -> bool:
+        return self.total < GPU_BYTES
+
+
+def qlora_fit(shape: ModelShape = LLAMA_65B, method: Finetuning = QLORA_PAPER, batch: int = QLORA_PAPER_BATCH,
+              seq: int = QLORA_PAPER_SEQ) -> QLoRAFit:
+    """The QLoRA headline, its terms split out of ``step_memory_formula`` (mixed precision,
+    gradient checkpointing) so that each can be checked by hand."""
+    precision = MIXED_BF16
+    m = step_memory_formula(shape, method, precision, batch, seq, gradient_checkpointing=True)
+    linear = shape.linear_parameters()
+    adapter = shape.lora_parameters(method.lora_rank, method.lora_targets)
+    other = shape.num_parameters() - linear
+    full = step_memory_formula(shape, FULL, precision, batch, seq, gradient_checkpointing=True)
+    return QLoRAFit(shape.name, method.lora_rank, batch, seq, linear, other, adapter,
+                    codes=linear * 4 / 8, statistics=linear * (method.frozen_linear_bits - 4) / 8,
+                    other=other * precision.weight_bytes, adapter_weights=adapter * precision.weight_bytes,
+                    adapter_gradients=m.gradients, adapter_optimizer=m.optimizer_state,
+                    activations=m.activations + m.backward_buffers, total=m.total, full_total=full.total)

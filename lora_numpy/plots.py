@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .io import atomic_write
+from .memory import GPU_BYTES
 
 COLORS = {"full": "#4c72b0", "lora": "#dd8452", "pissa": "#55a868", "qlora": "#8172b3"}
 MARKERS = {"full": "o", "lora": "s", "qlora": "^"}  # memory kinds
@@ -157,6 +158,10 @@ def plot_memory_vs_params(ax, study) -> None:
                 ax.plot(*zip(*points), line, color=color, marker=marker, markerfacecolor="white",
                         label=f"{method}, {precision}: formula (hollow)")
     ax.scatter([], [], color="black", marker="o", label="measured here (filled)")
+    fit = study.headline  # the QLoRA paper's setting: r=64, 1 x 512 tokens, gradient checkpointing
+    ax.axhline(GPU_BYTES, color="gray", linestyle=":", label="one 48 GB GPU")
+    ax.scatter(fit.linear_weights + fit.other_weights, fit.total, color=COLORS["qlora"], marker="*", s=120,
+               zorder=3, label=f"{fit.shape} QLoRA, the paper's setting (formula)")
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="peak bytes of one training step",
            title="Memory across scales")
     ax.legend(fontsize=7, loc="upper left")

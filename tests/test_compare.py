@@ -166,7 +166,7 @@ def test_help(argv, capsys):
     (["pretrain", "--task", "nope"], "nope"),
     (["compare", "--source", "add,nope"], "nope"),
     (["compare", "--study", "everything"], "everything"),
-    (["compare", "--methods", "lora", "qlora"], "qlora"),
+    (["compare", "--methods", "lora", "glora"], "glora"),
     (["compare", "--target", "text"], "text"),
     (["pretrain", "--steps", "many"], "many"),
     ([], "command"),
@@ -208,3 +208,54 @@ def test_rank_and_lowdata_studies_from_the_command_line(tmp_path, cache, capsys)
     low = _load_results(out / "lowdata")
     assert low["config"]["max_train"] == 300
     assert "300 training examples" in capsys.readouterr().out
+
+
+def test_compare_runs_dora_loraplus_qlora_qpissa(tmp_path, cache, capsys, monkeypatch):
+    """The newer registry entries through the command line: each finishes; QLoRA and QPiSSA hold
+    a smaller frozen base than LoRA (4-bit Linear weights); LoRA+ trains with B at 16x A's lr;
+    DoRA's adapter file holds its magnitude vectors."""
+    import lora_numpy.experiments.side_by_side as side_by_side
+    from lora_numpy.experiments.methods import LORAPLUS_LR_RATIO
+    real_train, optimizers = side_by_side.train, []
+
+    def recording_train(model, batch_fn, config, optimizer=None, **kwargs):
+        if optimizer is not None:  # each group's lr and the kind of parameters it holds
+            names = {id(p): n for n, p in model.named_parameters()}
+            optimizers.append((config.lr, [(g["lr"], {"lora_A" if "lora_A" in names[id(p)] else
+                                                       "lora_B" if "lora_B" in names[id(p)] else "other"
+                                                       for p in g["params"]}) for g in optimizer.param_groups]))
+        return real_train(model, batch_fn, config, optimizer=optimizer, **kwargs)
+    monkeypatch.setattr(side_by_side, "train", recording_train)
+    tiny = list(FAST)
+    tiny[tiny.index("--seeds") + 1:tiny.index("--seeds") + 1 + len(SEEDS)] = ["0"]  # one seed
+    tiny[tiny.index("--steps") + 1] = "6"
+    new = ("dora", "loraplus", "qlora", "qpissa")
+    out = tmp_path / "new"
+    assert main(["compare", *tiny, "--methods", "lora", *new, "--out", str(out), "--cache", str(cache)]) == 0
+    printed = capsys.readouterr().out
+    summaries = {s["method"]: s for s in _load_results(out)["summaries"]}
+    assert list(summaries) == ["lora", *new]
+
+    frozen = {m: s["memory"]["params_frozen"] for m, s in summaries.items()}
+    linear_weights = LAYERS * (4 * D * D + 2 * 4 * D * D)
+    for method in ("qlora", "qpissa"):  # 4 bytes -> ~0.52 bytes per Linear weight
+        assert frozen["lora"] - frozen[method] > 3.4 * linear_weights, (method, frozen)
+        assert frozen[method] > frozen["lora"] - 4 * linear_weights + linear_weights / 2  # codes counted
+        assert summaries[method]["trainable_params"] == summaries["lora"]["trainable_params"]
+        assert summaries[method]["all_params"] == summaries["lora"]["all_params"]  # 4-bit weights counted
+    assert frozen["dora"] == frozen["loraplus"] == frozen["lora"]
+    assert "frozen base" in printed
+
+    assert len(optimizers) == 4 + 1  # LoRA+ only: its grid of four short runs, then one seed
+    for lr, groups in optimizers:
+        for group_lr, kinds in groups:
+            if "lora_B" in kinds:
+                assert group_lr == pytest.approx(LORAPLUS_LR_RATIO * lr) and kinds == {"lora_B"}
+            if "lora_A" in kinds:
+                assert group_lr == lr and kinds == {"lora_A"}
+        assert {k for _, kinds in groups for k in kinds} == {"lora_A", "lora_B"}
+
+    dora = load_file(out / "dora" / "adapter" / "adapter_model.safetensors")
+    magnitudes = [k for k in dora if k.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == 6 * LAYERS  # one per adapted Linear
+    assert summaries["dora"]["trainable_params"] == summaries["lora"]["trainable_params"] + LAYERS * (5 * D + 4 * D)

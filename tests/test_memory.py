@@ -180,3 +180,83 @@ def test_activations_scale_with_the_batch():
         a = step_memory_formula(ModelShape.from_gpt_config(config), FULL, FLOAT32, batch, 16).activations
         assert abs(figures[-1] - a) / a < 0.03
     assert 1.9 < figures[1] / figures[0] < 2.05
+
+
+def test_qlora_65b_fits_in_48gb_written_out_by_hand():
+    """The QLoRA paper's headline, term by term: LLaMA 65B, NF4 + double quantization on every
+    Linear of the blocks, LoRA r=64 there (bf16 weights and gradients, float32 master weights and
+    AdamW m, v), one sequence of 512 tokens, gradient checkpointing."""
+    from lora_numpy.memory import GPU_BYTES, LLAMA_65B, qlora_fit
+    L, C, F, V, H, r = 80, 8192, 22016, 32000, 64, 64
+    linear = L * (4 * C * C + 3 * C * F)                       # q, k, v, o; gate, up, down
+    n = linear + L * 2 * C + 2 * V * C + C                       # + RMSNorm weights, embeddings, head
+    adapter = L * r * (4 * (C + C) + 2 * (C + F) + (F + C))     # r(d_in + d_out) per Linear
+    bits = 4 + 8 / 64 + 32 / (64 * 256)                          # NF4 code + double-quantized absmax
+    B, T = 1, 512
+    N = B * T
+    codes, statistics = linear * 4 / 8, linear * (bits - 4) / 8
+    other = (n - linear) * 2
+    one_block = 13 * N * C + 4 * N * F + B * H * T * T + 7 * N * r
+    act_floats = L * N * C + one_block + 4 * N * C + T * C + 2 * N * V   # checkpointed block inputs
+    activations = act_floats * 2 + 8 * N + 2 * N * F * 2 + F * C * 2    # + buffers, one dequantized W
+    total = codes + statistics + other + adapter * (2 + 2 + 4 + 8) + activations
+
+    fit = qlora_fit()
+    assert LLAMA_65B.num_parameters() == n == 65_285_660_672      # LLaMA 65B's published count
+    assert (fit.linear_weights, fit.other_weights, fit.adapter_params) == (linear, n - linear, adapter)
+    assert fit.codes == codes and fit.statistics == pytest.approx(statistics)
+    assert fit.adapter_weights == 2 * adapter and fit.adapter_gradients == 2 * adapter
+    assert fit.adapter_optimizer == 12 * adapter
+    assert fit.activations == pytest.approx(activations)
+    assert fit.total == pytest.approx(total)
+    parts = (fit.codes + fit.statistics + fit.other + fit.adapter_weights + fit.adapter_gradients
+             + fit.adapter_optimizer + fit.activations)
+    assert parts == pytest.approx(fit.total)
+    assert total < GPU_BYTES == 48 * 2**30 and fit.fits           # the headline: it fits
+    assert fit.full_total > 780e9                                  # the paper's "> 780 GB" for 16-bit full
+
+
+def test_gradient_checkpointing_keeps_block_inputs_and_one_block():
+    L, C, F, V, H = 32, 4096, 11008, 32000, 32
+    B, T = 2, 64
+    N = B * T
+    block = 13 * N * C + 4 * N * F + B * H * T * T
+    outside = 4 * N * C + T * C + 2 * N * V
+    assert LLAMA2_7B.activation_floats(B, T) == L * block + outside
+    assert LLAMA2_7B.activation_floats(B, T, gradient_checkpointing=True) == L * N * C + block + outside
+
+
+def test_projection_has_qlora_rows_in_mixed_precision():
+    from lora_numpy.experiments.studies import project
+    from lora_numpy.memory import PROJECTED_SHAPES, QLORA, QLORA_BITS
+    rows = project()
+    qlora = [r for r in rows if r.method == "qlora"]
+    assert QLORA.frozen_linear_bits == QLORA_BITS == pytest.approx(4.127, abs=1e-3)
+    assert {r.shape for r in qlora} == {r.shape for r in rows} and all(r.precision.startswith("mixed") for r in qlora)
+    shapes = {s.name: s for s in PROJECTED_SHAPES}
+    for q in qlora:
+        lora = next(r for r in rows if r.shape == q.shape and r.method == "lora" and r.precision == q.precision)
+        assert q.trainable == lora.trainable and q.memory.gradients == lora.memory.gradients
+        saved = shapes[q.shape].linear_parameters() * (2 - QLORA_BITS / 8)   # bf16 -> 4.127 bits
+        assert lora.memory.weights - q.memory.weights == pytest.approx(saved)
+    big = {r.method: r.memory.total for r in rows if r.shape == "LLaMA 65B" and r.precision.startswith("mixed")}
+    assert big["qlora"] < 0.5 * big["lora"] < 0.1 * big["full"]
+
+
+def test_a_4bit_base_is_counted_as_frozen_and_matches_the_formula():
+    """measure_step counts a Linear4bit's codes and statistics with the frozen base (they are not
+    Parameters), and those bytes agree with the formula's 4.127 bits per Linear weight."""
+    from lora_numpy.memory import QLORA
+    from lora_numpy.nn import Linear4bit, frozen_nbytes, quantize_linears
+    config = GPTConfig(**SMALL)
+    model = get_peft_model(quantize_linears(GPT(config, seed=0)), LoraConfig(r=8, target_modules="all-linear"))
+    assert any(isinstance(m, Linear4bit) for _, m in model.named_modules())
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
+    rng = np.random.default_rng(0)
+    batch = (rng.integers(0, config.vocab_size, (2, SEQ)), rng.integers(0, config.vocab_size, (2, SEQ)))
+    measure_step(model, batch, default_loss, optimizer)
+    mem = measure_step(model, batch, default_loss, optimizer)
+    assert mem.params_frozen == frozen_nbytes(model)
+    assert mem.params_frozen < 0.25 * 4 * _n_base_params(config)
+    formula = step_memory_formula(ModelShape.from_gpt_config(config), QLORA, FLOAT32, 2, SEQ)
+    assert formula.weights == pytest.approx(mem.params_frozen + mem.params_trainable, rel=1e-3)

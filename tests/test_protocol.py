@@ -84,3 +84,25 @@ def test_steps_to_reach():
 def test_config_refuses_a_target_among_the_source_skills():
     with pytest.raises(ValueError, match="among the source skills"):
         CompareConfig(source="add,sub", target="sub")
+
+
+def test_a_methods_own_optimizer_reaches_every_grid_run(monkeypatch):
+    """Method.make_optimizer (LoRA+'s groups, say) is built for each run at that run's lr and
+    weight decay and handed to train; a method without one leaves train its AdamW (None)."""
+    given = []
+
+    def fake_train(model, batch_fn, config, optimizer=None, **kwargs):
+        model["lr"] = config.lr
+        given.append(optimizer)
+        return []
+    monkeypatch.setattr(compare_module, "train", fake_train)
+    monkeypatch.setattr(compare_module, "prepare", lambda *args: {})
+    objective = {1e-3: 0.5, 1e-2: 0.4}
+    own = Method("own", None, tuple(objective), has_adapter=True,
+                 make_optimizer=lambda model, lr, weight_decay: ("own optimizer", lr, weight_decay))
+    cfg = CompareConfig(grid_steps=3)
+    pick_lr(own, "base", _FakeTask(objective), cfg)
+    assert given == [("own optimizer", lr, cfg.train.weight_decay) for lr in (1e-3, 1e-2)]
+    given.clear()
+    pick_lr(Method("plain", None, tuple(objective), has_adapter=False), "base", _FakeTask(objective), cfg)
+    assert given == [None, None]

@@ -26,7 +26,7 @@ from ..optim import AdamW
 from ..peft import LoraConfig
 from ..recipes import PRETRAIN_LR, VAL_FRACTION, ModelSize, Task, make_task, pretrain
 from ..train import TrainConfig, default_loss, save_history_csv, train
-from .methods import METHODS, Method
+from .methods import DEFAULT_METHODS, METHODS, Method, count_parameters
 from .protocol import LrChoice, Spread, aggregate, choose_lr, steps_to_reach
 
 REACH = 0.9  # "steps to 90%": the first evaluation with target accuracy >= 0.9
@@ -44,7 +44,7 @@ def _default_train() -> TrainConfig:  # lr is chosen per method; everything else
 class CompareConfig:
     source: str = "add,sub"        # the skills the base is pretrained on (a mixture)
     target: str = "absdiff"        # the new skill every method learns ("sum": classification)
-    methods: tuple = tuple(METHODS)
+    methods: tuple = DEFAULT_METHODS  # any of METHODS
     lora: LoraConfig = field(default_factory=_default_lora)
     train: TrainConfig = field(default_factory=_default_train)
     seeds: tuple = (0, 1, 2)       # fine-tuning seeds (batches, adapter init); the base is one
@@ -149,7 +149,8 @@ def run_method(method: Method, lr: float, seed: int, base_dir, source: Task, tar
     curve = lambda m: {metric: target.evaluate(m, cfg.eval_limit)[target.metric]}
     start = {"step": 0, **curve(model)}
     before = target.evaluate(model)[target.metric]
-    history = train(model, target.batch_fn(cfg.train.batch_size), train_config(cfg, lr, seed),
+    config = train_config(cfg, lr, seed)
+    history = train(model, target.batch_fn(cfg.train.batch_size), config, optimizer=method.optimizer(model, config),
                     eval_fn=curve, progress=progress, label=f"{method.name:>5} seed {seed}")
     off = None
     if method.has_adapter:
@@ -164,8 +165,9 @@ def grid_score(method: Method, base_dir, target: Task, cfg: CompareConfig, lora:
     """validation_score(lr) for ``choose_lr``: a short run, then the target metric on "val"."""
     def score(lr: float) -> float:
         model = prepare(method, base_dir, target, lora, cfg.seeds[0])
-        train(model, target.batch_fn(cfg.train.batch_size),
-              replace(train_config(cfg, lr, cfg.seeds[0], cfg.grid_steps), eval_every=0), progress=False)
+        config = replace(train_config(cfg, lr, cfg.seeds[0], cfg.grid_steps), eval_every=0)
+        train(model, target.batch_fn(cfg.train.batch_size), config, optimizer=method.optimizer(model, config),
+              progress=False)
         return target.evaluate(model, split="val")[target.metric]
     return score
 
@@ -209,7 +211,7 @@ def summarize(method: Method, choice: LrChoice, runs: list, base_dir, target: Ta
     reached = [r.steps_to_90 for r in runs if r.steps_to_90 is not None]
     per_skill = lambda key: {k: aggregate(getattr(r, key)[k] for r in runs) for k in runs[0].source_after}
     return MethodSummary(
-        method.name, choice, model.num_parameters(trainable_only=True), model.num_parameters(),
+        method.name, choice, model.num_parameters(trainable_only=True), count_parameters(model),
         file_size(shared), memory, float(np.median([r.ms_per_step for r in runs])),
         aggregate(r.target_after for r in runs), aggregate(reached) if reached else None, len(reached),
         per_skill("source_after"), per_skill("source_adapter_off") if method.has_adapter else None,
@@ -295,10 +297,11 @@ def verdicts(summaries) -> list:
 def format_table(results: CompareResults) -> str:
     """The costs, then the outcomes as mean [min-max] over seeds, then which gaps are real."""
     cfg, seeds = results.config, len(results.config.seeds)
-    rows = [["method", "lr", "trainable", "%", "file", "peak step", "ms/step"]]
-    for s in results.summaries:
+    rows = [["method", "lr", "trainable", "%", "file", "frozen base", "peak step", "ms/step"]]
+    for s in results.summaries:  # frozen base: memory.params_frozen, by frozen_nbytes (full: none)
+        frozen = _size(s.memory.params_frozen) if s.memory.params_frozen else "0 (all train)"
         rows.append([s.method, f"{s.lr.chosen:g}", f"{s.trainable_params:,}",
-                     f"{100 * s.trainable_params / s.all_params:.2f}", _size(s.file_bytes),
+                     f"{100 * s.trainable_params / s.all_params:.2f}", _size(s.file_bytes), frozen,
                      _size(s.memory.measured_peak), f"{s.ms_per_step:.1f}"])
     skills = list(results.source_before)
     outcome = [["method", f"target {results.target_metric}", "steps to 90%",
