@@ -65,7 +65,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return Tensor.from_op(out, parents, backward, "linear")
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+def lora_linear(x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, dropout_mask=None) -> Tensor:
     """A LoRA-adapted Linear in one node: ``h = x Wᵀ + b + s · (x ⊙ m) Aᵀ Bᵀ``.
 
@@ -73,16 +73,23 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     (..., d_in) or None -> h (..., d_out). One node saves only the rank-r intermediate
     ``u = (x ⊙ m) Aᵀ``; built from separate ops, the graph would also keep the d_out-wide LoRA
     output and the sum for every token, more activation memory than LoRA saves elsewhere.
+
+    ``weight`` is W as a Tensor or, for a 4-bit base (QLoRA), a function returning W's array:
+    then W is dequantized for the product, dropped, and dequantized again in backward (as
+    bitsandbytes does), so no float copy of W lives between the passes; it gets no gradient.
     """
+    frozen_fn = callable(weight)
+    W_of = weight if frozen_fn else (lambda: weight.data)
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2 = x.data.reshape(-1, d_in)
     xd = x2 if dropout_mask is None else x2 * dropout_mask.reshape(-1, d_in)
     u = xd @ lora_A.data.T                         # (N, r)
-    out = x2 @ weight.data.T
+    out = x2 @ W_of().T
     if bias is not None:
         out += bias.data
     out += (u * scaling) @ lora_B.data.T          # + s · u Bᵀ
-    parents = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
+    weight_parent = () if frozen_fn else (weight,)
+    parents = (x, *weight_parent, lora_A, lora_B) + ((bias,) if bias is not None else ())
 
     def backward(g):
         # dx = g W + s (g B) A ⊙ m;  dW = gᵀ x;  dA = s (g B)ᵀ (x ⊙ m);  dB = s gᵀ u;  db = Σ g
@@ -94,15 +101,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
             lora_dx = gB @ lora_A.data
             if dropout_mask is not None:
                 lora_dx *= dropout_mask.reshape(-1, d_in)
-            dx = (g2 @ weight.data + lora_dx).reshape(lead + (d_in,))
-        grads = [dx,
-                 g2.T @ x2 if weight.requires_grad else None,
+            dx = (g2 @ W_of() + lora_dx).reshape(lead + (d_in,))
+        dW = [] if frozen_fn else [g2.T @ x2 if weight.requires_grad else None]
+        grads = [dx, *dW,
                  gB.T @ xd if lora_A.requires_grad else None,
                  (g2.T @ u) * scaling if lora_B.requires_grad else None]
         if bias is not None:
             grads.append(_sum_rows(g2) if bias.requires_grad else None)
         return grads
-    return Tensor.from_op(out.reshape(lead + (weight.shape[0],)), parents, backward, "lora_linear")
+    return Tensor.from_op(out.reshape(lead + (out.shape[-1],)), parents, backward, "lora_linear")
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 from . import backend
 from .autograd import topological_order
-from .nn import frozen_nbytes
+from .nn import Linear4bit, frozen_nbytes
 from .quant import bits_per_parameter
 from .tensor import Tensor
 
@@ -73,10 +73,11 @@ def graph_arrays(loss: Tensor) -> dict:
     return held
 
 
-def activation_bytes(loss: Tensor, params) -> int:
-    """Bytes the graph holds for backward, parameters excluded (they are counted apart)."""
-    param_ids = {id(_buffer(p.data)) for p in params}
-    return sum(a.nbytes for key, a in graph_arrays(loss).items() if key not in param_ids)
+def activation_bytes(loss: Tensor, stored) -> int:
+    """Bytes the graph holds for backward, the model's own arrays excluded (``stored``: its
+    parameters' arrays and 4-bit codes, counted apart as weights)."""
+    stored_ids = {id(_buffer(a)) for a in stored}
+    return sum(a.nbytes for key, a in graph_arrays(loss).items() if key not in stored_ids)
 
 
 def measure_step(model, batch, loss_fn, optimizer) -> StepMemory:
@@ -94,7 +95,9 @@ def measure_step(model, batch, loss_fn, optimizer) -> StepMemory:
         tracemalloc.start()
     optimizer.zero_grad()
     loss = loss_fn(model, batch)
-    activations = activation_bytes(loss, params)
+    stored = [p.data for p in params]  # the model's own storage: parameters, 4-bit codes and statistics
+    stored += [a for _, m in model.named_modules() if isinstance(m, Linear4bit) for a in (m.packed, m.quant_state)]
+    activations = activation_bytes(loss, stored)
     loss.backward()
     gradients = sum(p.grad.nbytes for p in params if p.grad is not None)
     optimizer.step()

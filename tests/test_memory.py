@@ -13,6 +13,7 @@ from lora_numpy.memory import LORA as LORA_R8
 from lora_numpy.memory import (FLOAT32, FULL, LLAMA2_7B, MIXED_BF16, Finetuning, ModelShape,
                                measure_step, step_memory_formula)
 from lora_numpy.models import GPT, GPTConfig
+from lora_numpy.nn import quantize_linears
 from lora_numpy.optim import AdamW
 from lora_numpy.peft import LoraConfig, get_peft_model
 from lora_numpy.train import default_loss
@@ -27,7 +28,9 @@ LORA = dict(r=8, target_modules=("q_proj", "v_proj"))
 def _measure(method):
     config = GPTConfig(**SMALL)
     model = GPT(config, seed=0)
-    if method == "lora":
+    if method == "qlora":
+        quantize_linears(model)
+    if method in ("lora", "qlora"):
         model = get_peft_model(model, LoraConfig(**LORA))
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
     rng = np.random.default_rng(0)
@@ -38,7 +41,7 @@ def _measure(method):
 
 @pytest.fixture(scope="module")
 def measured():
-    return {method: _measure(method) for method in ("full", "lora")}
+    return {method: _measure(method) for method in ("full", "lora", "qlora")}
 
 
 def _n_base_params(c):
@@ -260,3 +263,13 @@ def test_a_4bit_base_is_counted_as_frozen_and_matches_the_formula():
     assert mem.params_frozen < 0.25 * 4 * _n_base_params(config)
     formula = step_memory_formula(ModelShape.from_gpt_config(config), QLORA, FLOAT32, 2, SEQ)
     assert formula.weights == pytest.approx(mem.params_frozen + mem.params_trainable, rel=1e-3)
+
+
+def test_qlora_keeps_the_activations_of_lora_and_a_smaller_peak(measured):
+    """The 4-bit base is decoded for each product and dropped (the fused op gets the decoder, not
+    a float W0), so a QLoRA step keeps exactly LoRA's activations and its peak sits below."""
+    _, _, lora = measured["lora"]
+    _, _, qlora = measured["qlora"]
+    assert qlora.activations == lora.activations
+    assert qlora.params_frozen < lora.params_frozen / 4
+    assert qlora.measured_peak < lora.measured_peak

@@ -66,9 +66,13 @@ class Linear4bit(Linear):
         packed, state = quantize_4bit(linear.weight.data, blocksize, quant_type, compress_statistics)
         return cls(packed, state, linear.bias)
 
+    def dequantized_weight(self):
+        """W (out_features, in_features) as a fresh float array, decoded from the codes."""
+        return dequantize_4bit(self.packed, self.quant_state)
+
     @property
     def weight(self) -> Tensor:
-        W = dequantize_4bit(self.packed, self.quant_state)
+        W = self.dequantized_weight()
         if isinstance(W, np.ndarray):
             W.flags.writeable = False
         return Tensor(W)  # requires_grad=False: never trained

@@ -171,18 +171,18 @@ class LoraLinear(LoraLayer):
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
 
     def _adapted_forward(self, x, name: str):
-        if self.base_is_quantized and not self.use_dora[name]:
-            # QLoRA: the 4-bit layer dequantizes W0 for its product and drops it again, so no float
-            # copy of W0 stays alive until backward (the fused op below would keep one)
-            return self.base_layer(x) + self._lora_term(x, name)
-        W, b = self.base_weight(), self.base_layer.bias
+        b = self.base_layer.bias
         if not self.use_dora[name]:
+            # QLoRA: hand the fused op the 4-bit layer's decoder, not a float W0, so W0 is decoded
+            # for each product and dropped instead of staying alive until backward
+            W = self.base_layer.dequantized_weight if self.base_is_quantized else self.base_weight()
             drop = self.lora_dropout[name]
             mask = F.dropout_mask(x.shape, drop.p, drop.rng, x.dtype) if drop.training and drop.p > 0 else None
             return F.lora_linear(x, W, b, self.lora_A[name].weight, self.lora_B[name].weight,
                                  self.scaling[name], mask)
         # DoRA, as PEFT computes it on top of the base output (bias added once, not rescaled):
         # y = x W0ᵀ + b + (m/‖·‖ − 1) ⊙ (x W0ᵀ) + (m/‖·‖) ⊙ s·(x Aᵀ Bᵀ)
+        W = self.base_weight()
         scale = self.lora_magnitude_vector[name].weight / self._row_norm(name)  # norm: a constant
         base_out = F.linear(x, W)
         xd = self.lora_dropout[name](x)
