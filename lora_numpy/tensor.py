@@ -43,7 +43,7 @@ class Tensor:
     across calls until the user clears it.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_prev", "_backward", "_op", "_saved", "_freed",
+    __slots__ = ("data", "grad", "requires_grad", "_prev", "_backward", "_op", "_freed",
                  "_retains_grad", "__weakref__")
     # Make `ndarray + Tensor` call Tensor.__radd__ instead of NumPy's elementwise loop.
     __array_ufunc__ = None
@@ -57,7 +57,6 @@ class Tensor:
         self._prev = ()
         self._backward = None
         self._op = ""
-        self._saved = ()
         self._freed = False
         self._retains_grad = False
 
@@ -126,22 +125,20 @@ class Tensor:
         return a, b
 
     @staticmethod
-    def from_op(data, parents: tuple, backward, op: str, saved: tuple = ()) -> "Tensor":
+    def from_op(data, parents: tuple, backward, op: str) -> "Tensor":
         """The output of an op: how every op in tensor.py and functional.py records itself.
 
         ``data`` is the result array; ``parents`` the input tensors; ``backward(g)`` maps the
         gradient of the output to one gradient per parent, in the order of ``parents`` (None
         for a parent that needs none; autograd checks the count and the shapes); ``op`` names
-        the node. ``saved`` lists the arrays the backward keeps alive (for memory accounting;
-        it changes nothing here). The node is recorded only if a gradient can flow back.
+        the node. The node is recorded only if a gradient can flow back.
         """
         out = Tensor.__new__(Tensor)
         out.data, out.grad, out._freed, out._retains_grad = data, None, False, False
         if autograd.grad_enabled and any(p.requires_grad for p in parents):
             out.requires_grad, out._prev, out._backward, out._op = True, tuple(parents), backward, op
-            out._saved = saved
         else:
-            out.requires_grad, out._prev, out._backward, out._op, out._saved = False, (), None, "", ()
+            out.requires_grad, out._prev, out._backward, out._op = False, (), None, ""
         return out
 
     # ---- backward ---------------------------------------------------------------------

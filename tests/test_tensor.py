@@ -147,15 +147,6 @@ def test_from_op_checks_the_count_and_shapes_of_the_gradients():
     assert np.array_equal(x.grad, [2.0, 2.0, 2.0]) and np.array_equal(y.grad, np.ones((2, 3)))
 
 
-def test_from_op_keeps_saved_arrays_until_backward_frees_them():
-    x = Tensor(np.ones(3), requires_grad=True)
-    out = Tensor.from_op(x.data * 2, (x,), lambda g: (2 * g,), "double", saved=(x.data,))
-    assert out._saved == (x.data,)
-    out.sum().backward()
-    assert out._saved == ()
-    assert Tensor.from_op(np.ones(2), (Tensor(np.ones(2)),), None, "const", saved=(1,))._saved == ()
-
-
 def test_ten_thousand_op_chain_backpropagates():
     x = Tensor(np.array(1.0), requires_grad=True)
     y = x
