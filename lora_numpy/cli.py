@@ -3,7 +3,7 @@
     pretrain   train a base GPT on a task and save it
     compare    full fine-tuning vs LoRA vs PiSSA, side by side (the main job), each method's
                learning rate chosen on validation data, outcomes over several seeds;
-               --study lowdata | rank | memory for the longer studies
+               --study lowdata | rank | memory | budget for the longer studies
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dataclasses import replace
 from .cli_checks import (check_compare_args, check_compare_folders, check_pretrain_args, check_targets,
                          os_error_line, output_lock)
 from .experiments import METHODS, CompareConfig, compare, format_memory, format_table, lowdata, memory_study, rank_study
+from .experiments.studies import budget_study, format_budget
 from .recipes import ARITHMETIC_OPS, LM_TASKS, TASK_NAMES, ModelSize, pretrain
 
 
@@ -83,6 +84,11 @@ def _cmd_compare(args) -> int:
         study = rank_study(cfg, progress=not args.quiet)
         print(f"\nwrote {cfg.out}/rank/results.json and {study.plot.rsplit('/', 1)[-1]}")
         return 0
+    if args.study == "budget":
+        study = budget_study(cfg, progress=not args.quiet)
+        print("\n" + format_budget(study))
+        print(f"\nwrote {cfg.out}/budget/results.json")
+        return 0
     results = (lowdata if args.study == "lowdata" else compare)(cfg, progress=not args.quiet)
     c = results.config
     print(f"\nfine-tuning '{c.source}' -> '{c.target}'"
@@ -119,9 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain (or reuse) a base model on --source skills, choose each method's "
                                    "learning rate on a validation split, fine-tune copies of the base on "
                                    "--target over several seeds, and report what each costs and achieves.")
-    p.add_argument("--study", default="main", choices=["main", "lowdata", "rank", "memory"],
+    p.add_argument("--study", default="main", choices=["main", "lowdata", "rank", "memory", "budget"],
                    help="main: the comparison; lowdata: the same with few target examples; rank: LoRA and "
-                        "PiSSA across ranks; memory: measured and projected step memory (default %(default)s)")
+                        "PiSSA across ranks; memory: measured and projected step memory; budget: LoRA on "
+                        "q,v vs every Linear vs the MLP at one parameter budget (default %(default)s)")
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS), help="default: %(default)s")
     p.add_argument("--source", default=d.source, type=_language_task, help="pretraining skills, comma-joined, from "
                    f"{', '.join(ARITHMETIC_OPS)} (default %(default)s)")

@@ -6,6 +6,8 @@
     memory   peak step memory measured at the benchmark sizes, checked against the formula,
              then projected with it to GPT-2 124M, LLaMA-2 7B / 70B and LLaMA 65B (with QLoRA
              rows), and the QLoRA paper's headline (65B fine-tuning in 48 GB) term by term
+    budget   where to spend a fixed number of adapter parameters: q,v at r=16, every Linear at
+             r=4, or the MLP only at the rank whose count is closest to q,v's
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ..peft import LoraConfig, get_peft_model
 from ..recipes import BENCHMARK_SIZES, make_task
 from ..train import default_loss
 from .side_by_side import (CompareConfig, MethodSummary, base_model, compare, pick_lr, run_method,
-                           source_scores, summarize)
+                           source_scores, summarize, verdicts)
 from .methods import METHODS
 
 RANKS = (1, 2, 4, 8, 16, 64)
@@ -200,3 +202,103 @@ def format_qlora_fit(f: QLoRAFit) -> list:
               f"{'fits' if f.fits else 'does not fit'} in one 48 GB GPU ({GPU_BYTES / 2**30:.0f} GiB)",
               f"  {'full fine-tuning, same setting':<70}{gib(f.full_total)}"]
     return lines
+
+
+@dataclass(frozen=True)
+class TargetSet:
+    """Where the adapters go, and at which rank (None: matched to the first set's budget)."""
+    label: str
+    target_modules: object           # PEFT's target_modules: "all-linear" or a tuple of names
+    r: int | None
+
+
+# The first set fixes the budget; a set without a rank gets the one closest to that budget.
+BUDGET_SETS = (TargetSet("q,v r=16", ("q_proj", "v_proj"), 16),
+               TargetSet("all-linear r=4", "all-linear", 4),
+               TargetSet("MLP", ("fc1", "fc2"), None))
+
+
+def matched_rank(shape: ModelShape, target_modules, budget: int) -> int:
+    """The rank r >= 1 whose adapters on ``target_modules`` hold the number of parameters closest
+    to ``budget``. A LoRA pair costs r(d_in + d_out), linear in r, so only the two ranks around
+    budget / count(r=1) can be closest; a tie goes to the smaller."""
+    per_rank = shape.lora_parameters(1, target_modules)
+    low = max(1, budget // per_rank)
+    return min((low, low + 1), key=lambda r: (abs(r * per_rank - budget), r))
+
+
+@dataclass
+class BudgetRow:
+    label: str
+    target_modules: object
+    r: int
+    lora_alpha: float
+    adapter_params: int              # r(d_in + d_out) over the adapted Linears, from the shapes
+    summary: MethodSummary           # its lr choice and outcomes over the seeds (method = label)
+
+
+@dataclass
+class BudgetStudy:
+    budget: int                      # the first set's adapter parameters
+    rows: list                       # BudgetRow per target set
+    target_before: float
+    source_before: float
+    seeds: tuple
+
+
+def budget_study(cfg: CompareConfig, progress: bool = True, sets=BUDGET_SETS) -> BudgetStudy:
+    """Target sets at (nearly) one parameter budget, each LoRA (alpha = 2r) at its own learning
+    rate chosen on validation from the grid, over the same seeds."""
+    out = Path(cfg.out) / "budget"
+    source, target = make_task(cfg.source), make_task(cfg.target, max_train=cfg.max_train)
+    too_wide = [s.label for s in sets if s.r is not None and s.r > cfg.size.n_embd]
+    if too_wide:
+        raise ValueError(f"{too_wide} need a rank above the model width {cfg.size.n_embd}: "
+                         f"use --n-embd >= {max(s.r for s in sets if s.r)}")
+    base_dir = base_model(cfg, progress)
+    base = load_model(base_dir)[0]
+    target_before = target.evaluate(base)[target.metric]
+    source_before = float(np.mean(list(source_scores(source, base).values())))
+    shape = ModelShape.from_gpt_config(base.config)
+    budget = shape.lora_parameters(sets[0].r, sets[0].target_modules)
+    method, rows = METHODS["lora"], []
+    for s in sets:
+        r = s.r or matched_rank(shape, s.target_modules, budget)
+        lora = replace(cfg.lora, r=r, lora_alpha=2 * r, target_modules=s.target_modules)
+        choice = pick_lr(method, base_dir, target, cfg, lora)
+        print(f"{s.label:>14} (r={r}) lr on validation (* chosen): {choice}")
+        runs = [run_method(method, choice.chosen, seed, base_dir, source, target, cfg, lora, progress)
+                for seed in cfg.seeds]
+        folder = out / s.label.replace(" ", "_").replace(",", "").replace("=", "")
+        summary = replace(summarize(method, choice, runs, base_dir, target, cfg, folder, lora), method=s.label)
+        rows.append(BudgetRow(s.label, s.target_modules, r, lora.lora_alpha,
+                              shape.lora_parameters(r, s.target_modules), summary))
+    study = BudgetStudy(budget, rows, target_before, source_before, tuple(cfg.seeds))
+    save_json(out / "results.json", {"budget": budget, "target_before": target_before,
+                                     "source_before": source_before, "seeds": list(cfg.seeds),
+                                     "rows": [asdict(row) for row in rows]})
+    return study
+
+
+def format_budget(study: BudgetStudy) -> str:
+    """One line per target set (outcomes as mean [min-max] over seeds), then which gaps are real."""
+    n = len(study.seeds)
+
+    def steps(s: MethodSummary) -> str:
+        if s.steps_to_90 is None:
+            return "never"
+        x = s.steps_to_90
+        return f"{x.mean:.0f} [{x.min:.0f}-{x.max:.0f}]" + (f" ({s.reached_90}/{n})" if s.reached_90 < n else "")
+
+    lines = [f"adapter parameters matched to {study.rows[0].label}: {study.budget:,}; "
+             f"base: target {study.target_before:.3f}, source {study.source_before:.3f}",
+             f"outcomes, mean [min-max] over seeds {list(study.seeds)} (retained: source skills, adapter on)",
+             f"{'set':<15} {'modules':<18} {'r':>2} {'alpha':>5} {'adapter':>8} {'vs budget':>9} {'lr':>6} "
+             f"{'target accuracy':>20} {'steps to 90%':>17} {'retained':>20}"]
+    for row in study.rows:
+        s = row.summary
+        modules = row.target_modules if isinstance(row.target_modules, str) else ",".join(row.target_modules)
+        lines.append(f"{row.label:<15} {modules:<18} {row.r:>2} {row.lora_alpha:>5g} {row.adapter_params:>8,} "
+                     f"{row.adapter_params / study.budget - 1:>+9.1%} {s.lr.chosen:>6g} {str(s.target):>20} "
+                     f"{steps(s):>17} {str(s.retained):>20}")
+    return "\n".join([*lines, "", *verdicts([row.summary for row in study.rows])])
