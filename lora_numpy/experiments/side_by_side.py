@@ -35,7 +35,6 @@ from ..train import TrainConfig, default_loss, save_history_csv, train
 from .methods import METHODS, Method
 from .protocol import LrChoice, Spread, aggregate, choose_lr, steps_to_reach
 
-REACH = 0.9  # "steps to 90%": the first evaluation with target accuracy >= 0.9
 
 
 def _default_lora() -> LoraConfig:
@@ -90,8 +89,8 @@ class CompareConfig:
 # The text targets' defaults, sized so that one default run (base pretraining included) takes at
 # most ~240 s of one CPU core: short runs, one evaluation at the end, the three core methods.
 TEXT_DEFAULTS = {
-    "ner": dict(steps=300, grid_steps=100, batch_size=32, base_steps=600),
-    "translate": dict(steps=300, grid_steps=100, batch_size=32, base_steps=600),
+    "ner": dict(steps=250, grid_steps=80, batch_size=32, base_steps=600),
+    "translate": dict(steps=200, grid_steps=60, batch_size=32, base_steps=600),
     "docs": dict(steps=200, grid_steps=80, batch_size=32, base_steps=600),
 }
 
@@ -107,7 +106,7 @@ def config_for(target: str = "absdiff", **changes) -> CompareConfig:
                     eval_every=d["steps"])
     defaults = dict(target=target, train=train, grid_steps=d["grid_steps"], base_steps=d["base_steps"],
                     methods=("full", "lora", "pissa"), lora=replace(_default_lora(), target_modules=ADAPTED_MODULES),
-                    eval_limit=100)
+                    eval_limit=50)
     return CompareConfig(**{**defaults, **changes})
 
 
@@ -206,7 +205,7 @@ def run_method(method: Method, lr: float, seed: int, base_dir, source: Task, tar
             off = source_scores(source, model)
     final = target.evaluate(model)
     return RunResult(method.name, seed, lr, before, final[target.metric],
-                     steps_to_reach(history, metric, REACH), source_scores(source, model), off,
+                     steps_to_reach(history, metric, target.reach), source_scores(source, model), off,
                      float(np.median([h["ms"] for h in history])), [start, *history], final)
 
 
@@ -361,7 +360,8 @@ def format_table(results: CompareResults) -> str:
                      f"{100 * s.trainable_params / s.all_params:.2f}", _size(s.file_bytes),
                      _size(s.memory.measured_peak), f"{s.ms_per_step:.1f}"])
     skills = list(results.source_before)
-    extra = [k for k, v in results.summaries[0].metrics.items() if k != results.target_metric and isinstance(v, Spread)]
+    extra = [k for k, v in results.summaries[0].metrics.items()
+             if k != results.target_metric and isinstance(v, Spread)]  # e.g. token accuracy beside entity F1
     outcome = [["method", f"target {results.target_metric}", *extra, "steps to 90%",
                 *[f"{k} on" for k in skills], *[f"{k} off" for k in skills]]]
     outcome.append(["base", f"{results.target_before:.3f}", *["" for _ in extra], "",
@@ -375,7 +375,8 @@ def format_table(results: CompareResults) -> str:
                         *[str(s.source[k]) for k in skills], *off])
     source = ("source skills' accuracy" if results.source_metric == "accuracy" else
               f"source: the base's held-out text {results.source_metric} (lower: more kept)")
-    per_class = [f"{s.method:>5} {k} per class: " + ", ".join(f"{c} {v:.2f}" for c, v in zip(results.class_names, values))
+    per_class = [f"{s.method:>5} {k} per class: "
+                 + ", ".join(f"{c} {v:.2f}" for c, v in zip(results.class_names, values))
                  for s in results.summaries for k, values in s.metrics.items() if isinstance(values, list)]
     return "\n".join([_grid(rows), "", f"outcomes, mean [min-max] over seeds {list(cfg.seeds)} "
                       f"({source}, adapter on / off):", _grid(outcome), *([""] + per_class if per_class else []),
