@@ -331,19 +331,20 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def _spreads(summary: MethodSummary) -> dict:
+def _spreads(summary: MethodSummary, retained: str = "retained") -> dict:
     """The outcomes compared between methods: name -> Spread."""
-    out = {"target": summary.target, "retained": summary.retained}
+    out = {"target": summary.target, retained: summary.retained}
     return out if summary.steps_to_90 is None else {**out, "steps to 90%": summary.steps_to_90}
 
 
-def verdicts(summaries) -> list:
-    """For each pair of methods and each outcome: "differ" or "no difference" (ranges overlap)."""
+def verdicts(summaries, retained: str = "retained") -> list:
+    """For each pair of methods and each outcome: "differ" or "no difference" (ranges overlap).
+    ``retained`` names the source outcome (a text base's: "source loss", where higher is worse)."""
     lines = []
     for i, a in enumerate(summaries):
         for b in summaries[i + 1:]:
-            for key, sa in _spreads(a).items():
-                sb = _spreads(b).get(key)
+            for key, sa in _spreads(a, retained).items():
+                sb = _spreads(b, retained).get(key)
                 if sb is not None:
                     word = "no difference (min-max ranges overlap)" if sa.overlaps(sb) else \
                         f"{a.method if sa.mean > sb.mean else b.method} higher (ranges apart)"
@@ -380,7 +381,8 @@ def format_table(results: CompareResults) -> str:
                  for s in results.summaries for k, values in s.metrics.items() if isinstance(values, list)]
     return "\n".join([_grid(rows), "", f"outcomes, mean [min-max] over seeds {list(cfg.seeds)} "
                       f"({source}, adapter on / off):", _grid(outcome), *([""] + per_class if per_class else []),
-                      "", *verdicts(results.summaries)])
+                      "", *verdicts(results.summaries, "retained" if results.source_metric == "accuracy"
+                                    else f"source {results.source_metric}")])
 
 
 def _grid(rows) -> str:
