@@ -90,7 +90,7 @@ class CompareConfig:
 # most ~240 s of one CPU core: short runs, one evaluation at the end, the three core methods.
 TEXT_DEFAULTS = {
     "ner": dict(steps=250, grid_steps=80, batch_size=32, base_steps=600),
-    "translate": dict(steps=200, grid_steps=60, batch_size=32, base_steps=600),
+    "translate": dict(steps=150, grid_steps=50, batch_size=32, base_steps=600),
     "docs": dict(steps=200, grid_steps=80, batch_size=32, base_steps=600),
 }
 
@@ -106,7 +106,7 @@ def config_for(target: str = "absdiff", **changes) -> CompareConfig:
                     eval_every=d["steps"])
     defaults = dict(target=target, train=train, grid_steps=d["grid_steps"], base_steps=d["base_steps"],
                     methods=("full", "lora", "pissa"), lora=replace(_default_lora(), target_modules=ADAPTED_MODULES),
-                    eval_limit=50)
+                    eval_limit=30)
     return CompareConfig(**{**defaults, **changes})
 
 
