@@ -26,8 +26,8 @@ from .recipes import ModelSize, pretrain
 from .tasks import TASK_TYPES, DocsTask, NERTask, TranslateTask
 from .train import TrainConfig, train
 
-__all__ = ["ADAPTED_MODULES", "DEFAULT_LR", "DocsTask", "FinetuneResult", "METHODS", "NERTask",
-           "NLP_TASK_NAMES", "TASK_TYPES", "TranslateTask", "finetune", "lora_config", "prepare", "pretrain_base", "pretrain_mlm"]
+__all__ = ["ADAPTED_MODULES", "DEFAULT_LR", "DocsTask", "FinetuneResult", "METHODS", "NERTask", "NLP_TASK_NAMES",
+           "TASK_TYPES", "TranslateTask", "finetune", "lora_config", "prepare", "pretrain_base", "pretrain_mlm"]
 
 NLP_TASK_NAMES = ("ner", "translate", "docs")
 METHODS = ("full", "lora", "pissa")
