@@ -1,8 +1,9 @@
 """Floor 9: the command line, ``python -m lora_numpy COMMAND``.
 
-    pretrain   train a base GPT on a task and save it
+    pretrain   train a base GPT on a task and save it (--task mlm: an encoder, BERT's masked LM)
     compare    full fine-tuning vs LoRA vs PiSSA, side by side (the main job), each method's
                learning rate chosen on validation data, outcomes over several seeds;
+               --target ner | translate | docs for the text tasks;
                --study lowdata | rank | memory | budget for the longer studies
 """
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import replace
 
 from .cli_checks import (check_compare_args, check_compare_folders, check_pretrain_args, check_targets,
                          os_error_line, output_lock)
-from .experiments import METHODS, CompareConfig, compare, format_memory, format_table, lowdata, memory_study, rank_study
+from .experiments import (METHODS, CompareConfig, compare, config_for, format_memory, format_table, lowdata,
+                          memory_study, rank_study)
 from .experiments.studies import budget_study, format_budget
-from .recipes import ARITHMETIC_OPS, LM_TASKS, TASK_NAMES, ModelSize, pretrain
+from .recipes import ARITHMETIC_OPS, LM_TASKS, TARGETS, ModelSize, pretrain
 
 
 def _language_task(name: str) -> str:
@@ -40,7 +42,8 @@ def _cmd_pretrain(args) -> int:
     size = ModelSize(args.n_layer, args.n_head, args.n_embd)
     _, report = pretrain(args.task, args.steps, args.out, size, args.batch_size, args.lr, args.seed,
                          args.text_file, progress=not args.quiet)
-    print(f"pretrained a {report['parameters']:,}-parameter GPT on '{args.task}' for {args.steps} steps "
+    kind = "GPT" if args.task != "mlm" else "encoder (bidirectional GPT)"
+    print(f"pretrained a {report['parameters']:,}-parameter {kind} on '{args.task}' for {args.steps} steps "
           f"in {report['train_seconds']:.1f}s (final training loss {report['final_loss']:.4f})")
     if "accuracy" in report:
         print(f"held-out exact-match accuracy: {report['accuracy']:.1%}")
@@ -51,16 +54,22 @@ def _cmd_pretrain(args) -> int:
 
 
 def _compare_config(args) -> CompareConfig:
-    d = CompareConfig()
-    targets = args.target_modules[0] if args.target_modules == ["all-linear"] else tuple(args.target_modules)
+    """The target's defaults (``config_for``), changed by the flags given (None: not given)."""
+    d = config_for(args.target, source=args.source)
+    given = lambda value, default: default if value is None else value  # noqa: E731
+    modules = given(args.target_modules, None)
+    targets = d.lora.target_modules if modules is None else (
+        modules[0] if modules == ["all-linear"] else tuple(modules))
+    steps = given(args.steps, d.train.steps)
     lr = {m: getattr(args, f"lr_{m}") for m in METHODS if getattr(args, f"lr_{m}") is not None}
-    return CompareConfig(
-        source=args.source, target=args.target, methods=tuple(args.methods),
+    return replace(
+        d, methods=tuple(given(args.methods, d.methods)),
         lora=replace(d.lora, r=args.rank, lora_alpha=args.alpha, target_modules=targets),
-        train=replace(d.train, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
-                      warmup_steps=round(d.train.warmup_steps * args.steps / d.train.steps)),
-        seeds=tuple(args.seeds), lr=lr, grid_steps=args.grid_steps, max_train=args.max_train,
-        base_steps=args.base_steps, size=ModelSize(args.n_layer, args.n_head, args.n_embd),
+        train=replace(d.train, steps=steps, batch_size=given(args.batch_size, d.train.batch_size),
+                      eval_every=given(args.eval_every, d.train.eval_every),
+                      warmup_steps=round(d.train.warmup_steps * steps / d.train.steps)),
+        seeds=tuple(args.seeds), lr=lr, grid_steps=given(args.grid_steps, d.grid_steps), max_train=args.max_train,
+        base_steps=given(args.base_steps, d.base_steps), size=ModelSize(args.n_layer, args.n_head, args.n_embd),
         out=args.out, cache=args.cache)
 
 
@@ -109,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a base GPT from scratch and save it",
                        description="Train a base GPT from scratch on a task and save it.")
     p.add_argument("--task", default="add", type=_language_task,
-                   help="what to learn (default %(default)s)")
+                   help="what to learn: arithmetic skills, text, or the text tasks' base on the stdlib "
+                        "documentation: causal (a decoder) or mlm (an encoder, masked LM) (default %(default)s)")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default %(default)s)")
     p.add_argument("--out", default="runs/base", help="output folder (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="default %(default)s")
@@ -129,26 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="main: the comparison; lowdata: the same with few target examples; rank: LoRA and "
                         "PiSSA across ranks; memory: measured and projected step memory; budget: LoRA on "
                         "q,v vs every Linear vs the MLP at one parameter budget (default %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS), help="default: %(default)s")
-    p.add_argument("--source", default=d.source, type=_language_task, help="pretraining skills, comma-joined, from "
-                   f"{', '.join(ARITHMETIC_OPS)} (default %(default)s)")
-    p.add_argument("--target", default=d.target, choices=[t for t in TASK_NAMES if t != "text"],
-                   help="fine-tuning task; 'sum' is sequence classification (default %(default)s)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help=f"default: {' '.join(d.methods)} (text targets: full lora pissa)")
+    p.add_argument("--source", default=None, type=_language_task, help="pretraining skills, comma-joined, from "
+                   f"{', '.join(ARITHMETIC_OPS)} (default {d.source}); for a text target the text base: "
+                   "mlm (an encoder, ner's default) or causal (a decoder)")
+    p.add_argument("--target", default=d.target, choices=list(TARGETS),
+                   help="fine-tuning task; 'sum' is sequence classification; ner, translate, docs are the "
+                        "text tasks (default %(default)s)")
     p.add_argument("--rank", type=int, default=d.lora.r, help="LoRA/PiSSA rank r (default %(default)s)")
     p.add_argument("--alpha", type=float, default=d.lora.lora_alpha, help="lora_alpha; scale = alpha/r (default %(default)s)")
-    p.add_argument("--target-modules", nargs="+", default=[d.lora.target_modules],
-                   help="Linear layers to adapt, e.g. q_proj v_proj (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d.train.steps, help="fine-tuning steps per run (default %(default)s)")
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help=f"Linear layers to adapt, e.g. q_proj v_proj (default {d.lora.target_modules}; "
+                        "text targets: the blocks' Linears)")
+    per_target = "; text targets: see side_by_side.TEXT_DEFAULTS"
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps per run (default {d.train.steps}{per_target})")
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="fine-tuning seeds (default %(default)s)")
-    p.add_argument("--grid-steps", type=int, default=d.grid_steps,
-                   help="steps of each short run that scores a learning rate (default %(default)s)")
+    p.add_argument("--grid-steps", type=int, default=None,
+                   help=f"steps of each short run that scores a learning rate (default {d.grid_steps}{per_target})")
     for name, method in METHODS.items():
         p.add_argument(f"--lr-{name}", type=float, default=None,
                        help=f"fix {name}'s learning rate instead of choosing from {list(method.lr_grid)}")
     p.add_argument("--max-train", type=int, default=d.max_train, help="target training examples (default: all)")
-    p.add_argument("--batch-size", type=int, default=d.train.batch_size, help="default %(default)s")
-    p.add_argument("--base-steps", type=int, default=d.base_steps, help="pretraining steps (default %(default)s)")
-    p.add_argument("--eval-every", type=int, default=d.train.eval_every, help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.train.batch_size}{per_target}")
+    p.add_argument("--base-steps", type=int, default=None,
+                   help=f"pretraining steps (default {d.base_steps}{per_target})")
+    p.add_argument("--eval-every", type=int, default=None, help=f"default {d.train.eval_every}{per_target}")
     p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
     p.add_argument("--cache", default=d.cache, help="where base models are cached (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -143,8 +143,7 @@ def check_targets(lora, target_name: str, n_layer: int) -> None:
     width r (the narrowest a rank-r adapter fits; --rank <= --n-embd is checked before), so an
     unknown target fails now, listing the layer names there are."""
     target = make_task(target_name)
-    num_labels = target.data.n_classes if target.is_classification else None
-    skeleton = build_model(target, ModelSize(n_layer, 1, lora.r), num_labels=num_labels)
+    skeleton = target.make_model(build_model(target, ModelSize(n_layer, 1, lora.r)))
     layers = [n for n, m in skeleton.named_modules() if isinstance(m, (Linear, Embedding))]
     if not isinstance(lora.target_modules, str):
         unknown = [t for t in lora.target_modules if not any(matches(n, [t]) for n in layers)]
@@ -163,11 +162,12 @@ def check_compare_args(args) -> None:
     check_counts(args, ("steps", "batch_size", "grid_steps", "base_steps", "max_train"))
     check_counts(args, ("eval_every",), minimum=0)
     check_seeds("seeds", args.seeds)
-    _require(len(set(args.methods)) == len(args.methods), f"--methods repeats a method: {args.methods}")
+    methods = args.methods or ()  # None: the target's default methods
+    _require(len(set(methods)) == len(methods), f"--methods repeats a method: {args.methods}")
     for name in METHODS:
         check_lr(f"lr_{name}", getattr(args, f"lr_{name}"))
     check_model_size(args)
-    if any(METHODS[m].has_adapter for m in args.methods):
+    if not methods or any(METHODS[m].has_adapter for m in methods):
         check_adapter_args(args)
 
 

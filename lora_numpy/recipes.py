@@ -10,9 +10,18 @@ and fine-tuned on a target task:
     sum      "07+35" -> sum<66 | 66<=sum<133 | sum>=133              (sequence classification)
     text     the standard library's documentation, or --text-file   (language modelling)
 
+The text tasks share a second vocabulary (``data.text_tokenizer()``, with a mask token) and a
+base pretrained on the documentation: a decoder (``causal``) or an encoder (``mlm``):
+
+    causal     next-token prediction on the documentation           (a decoder's pretraining)
+    mlm        masked language modelling on the documentation       (an encoder's pretraining)
+    ner        BIO tag per character of template sentences         entity F1 (TOKEN_CLS)
+    translate  English -> French number words, prompt + response   exact match, chrF (CAUSAL_LM)
+    docs       which documentation section a paragraph is from     macro-F1 (SEQ_CLS)
+
 A comma joins arithmetic skills into one mixture: ``make_task("add,sub")`` trains on both and
 reports each skill's accuracy (``accuracy_add``, ``accuracy_sub``) beside their mean.
-A new task is one entry in ``TASKS``: a function returning its data, metric and evaluation.
+A new task is one entry in ``TASKS``: a function returning a ``tasks.Task``.
 """
 from __future__ import annotations
 
@@ -24,10 +33,12 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import save_model
-from .data import (ArithmeticTask, SkillMixture, SumClassificationTask, TextDataset, load_text_file,
-                   stdlib_docs_text)
+from .data import (ArithmeticTask, DocSectionsTask, MaskedLMDataset, NERCorpus, NumberTranslationTask,
+                   SkillMixture, SumClassificationTask, TextDataset, load_text_file, stdlib_docs_text,
+                   text_tokenizer)
 from .evaluate import classification_metrics, exact_match_accuracy, mean_loss
-from .models import GPT, GPTConfig, GPTForSequenceClassification
+from .models import GPT, GPTConfig
+from .tasks import DocsTask, NERTask, Task, TranslateTask
 from .train import TrainConfig, save_history_csv, train
 
 ARITHMETIC_OPS = {"add": "+", "sub": "-", "mul": "*", "absdiff": "|"}
@@ -35,44 +46,56 @@ VAL_FRACTION = 0.1  # held out of training for choices (learning rates); the tes
 PRETRAIN_LR = 3e-3  # peak learning rate of `pretrain` (and of the cached base models)
 
 
+TEXT_BLOCK_SIZE = 136  # the text base's context: the longest text-task row (a six-digit translation) fits
+
+
 @dataclass
-class Task:
-    """A task as the training loop and the reports see it.
-
-    evaluate_fn(model, split, limit) -> dict of metrics with ``metric`` among them."""
+class SkillTask(Task):
+    """An arithmetic skill, a mixture of them, or the "sum" classification, scored by
+    ``evaluate_fn(model, split, limit)``."""
     name: str
-    data: object            # ArithmeticTask, SkillMixture, SumClassificationTask or TextDataset
-    metric: str             # the headline number: "accuracy" or "val_loss"
-    block_size: int
+    data: object            # ArithmeticTask, SkillMixture or SumClassificationTask
+    metric: str             # "accuracy"
     evaluate_fn: Callable
+    task_type: str = "CAUSAL_LM"
+    num_labels: int | None = None
 
     @property
-    def vocab_size(self) -> int:
-        return self.data.tokenizer.vocab_size
-
-    @property
-    def is_classification(self) -> bool:
-        return isinstance(self.data, SumClassificationTask)
+    def block_size(self) -> int:
+        return self.data.seq_len
 
     @property
     def skills(self) -> list:
-        """The names of the skills scored one by one (a mixture's parts, else the task itself)."""
         return list(self.data.tasks) if isinstance(self.data, SkillMixture) else [self.name]
-
-    def batch_fn(self, batch_size: int):
-        if isinstance(self.data, TextDataset):
-            return lambda rng: self.data.get_batch("train", batch_size, self.block_size, rng)
-        return lambda rng: self.data.get_batch("train", batch_size, rng)
 
     def evaluate(self, model, limit: int | None = None, split: str = "test") -> dict:
         """The headline metric on held-out data ("test", or "val" for choices), plus the rest."""
         return self.evaluate_fn(model, split, limit)
 
 
+@dataclass
+class TextTask(Task):
+    """Language modelling on a text: next token (a decoder) or masked LM (``causal=False``, an
+    encoder). Scored by the mean loss on fixed windows of the held-out part ("val_loss")."""
+    name: str
+    data: object            # TextDataset, or MaskedLMDataset when causal is False
+    block_size: int = 64
+    causal: bool = True
+    metric: str = "val_loss"
+
+    def batch_fn(self, batch_size: int):
+        return lambda rng: self.data.get_batch("train", batch_size, self.block_size, rng)
+
+    def evaluate(self, model, limit: int | None = None, split: str = "val") -> dict:
+        rng = np.random.default_rng(0)  # the same windows (and masks) every time
+        batches = [self.data.get_batch("val", 32, self.block_size, rng) for _ in range(8)]
+        return {"val_loss": mean_loss(model, batches)}
+
+
 def _arithmetic(name: str, max_train: int | None = None) -> Task:
     data = ArithmeticTask(ARITHMETIC_OPS[name], n_digits=2, val_fraction=VAL_FRACTION, max_train=max_train)
     evaluate = lambda model, split, limit: {"accuracy": exact_match_accuracy(model, data, split, limit)}
-    return Task(name, data, "accuracy", data.seq_len, evaluate)
+    return SkillTask(name, data, "accuracy", evaluate)
 
 
 def _mixture(names: list, max_train: int | None = None) -> Task:
@@ -81,7 +104,7 @@ def _mixture(names: list, max_train: int | None = None) -> Task:
     def evaluate(model, split, limit):
         scores = {f"accuracy_{n}": exact_match_accuracy(model, t, split, limit) for n, t in data.tasks.items()}
         return {"accuracy": float(np.mean(list(scores.values()))), **scores}
-    return Task(",".join(names), data, "accuracy", data.seq_len, evaluate)
+    return SkillTask(",".join(names), data, "accuracy", evaluate)
 
 
 def _sum(max_train: int | None = None) -> Task:
@@ -90,25 +113,41 @@ def _sum(max_train: int | None = None) -> Task:
     def evaluate(model, split, limit):
         report = classification_metrics(model, data, split)
         return {k: report[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")}
-    return Task("sum", data, "accuracy", data.seq_len, evaluate)
+    return SkillTask("sum", data, "accuracy", evaluate, "SEQ_CLS", data.n_classes)
 
 
 def _text(text_file: str | None = None) -> Task:
-    data = TextDataset(load_text_file(text_file) if text_file else stdlib_docs_text())
+    return TextTask("text", TextDataset(load_text_file(text_file) if text_file else stdlib_docs_text()))
 
-    def evaluate(model, split, limit):
-        rng = np.random.default_rng(0)  # the same validation windows every time
-        batches = [data.get_batch("val", 32, 64, rng) for _ in range(8)]
-        return {"val_loss": mean_loss(model, batches)}
-    return Task("text", data, "val_loss", 64, evaluate)
+
+def _text_base(causal: bool) -> Task:
+    """The documentation in the text tasks' vocabulary: the base of ner / translate / docs."""
+    text, tokenizer = stdlib_docs_text(), text_tokenizer()
+    data = TextDataset(text, tokenizer) if causal else MaskedLMDataset(text, tokenizer)
+    return TextTask("causal" if causal else "mlm", data, TEXT_BLOCK_SIZE, causal)
 
 
 # name -> factory(max_train, text_file) -> Task; one entry per task
 TASKS = {**{name: (lambda max_train, text_file, name=name: _arithmetic(name, max_train)) for name in ARITHMETIC_OPS},
          "sum": lambda max_train, text_file: _sum(max_train),
-         "text": lambda max_train, text_file: _text(text_file)}
+         "text": lambda max_train, text_file: _text(text_file),
+         "causal": lambda max_train, text_file: _text_base(causal=True),
+         "mlm": lambda max_train, text_file: _text_base(causal=False),
+         "ner": lambda max_train, text_file: NERTask(NERCorpus(**_cap(max_train))),
+         # greedy decoding is what evaluating a translation costs: 40 numbers validate, 60 test
+         "translate": lambda max_train, text_file: TranslateTask(NumberTranslationTask(n_val=40, n_test=60,
+                                                                                       **_cap(max_train))),
+         "docs": lambda max_train, text_file: DocsTask(DocSectionsTask())}
 TASK_NAMES = tuple(TASKS)
-LM_TASKS = tuple(n for n in TASK_NAMES if n != "sum")  # what `pretrain` can train
+LM_TASKS = (*ARITHMETIC_OPS, "text", "causal", "mlm")  # what `pretrain` can train
+TEXT_TARGETS = ("ner", "translate", "docs")            # fine-tuned on a text base
+TARGETS = (*ARITHMETIC_OPS, "sum", *TEXT_TARGETS)      # what `compare` can fine-tune on
+# the base each target is fine-tuned from by default: BERT-style encoder for tagging, else a decoder
+DEFAULT_SOURCE = {"ner": "mlm", "translate": "causal", "docs": "causal"}
+
+
+def _cap(max_train: int | None) -> dict:
+    return {} if max_train is None else {"n_train": max_train}
 
 
 def make_task(name: str, text_file: str | None = None, max_train: int | None = None) -> Task:
@@ -147,11 +186,10 @@ BENCHMARK_SIZES = {"tiny": BenchmarkSize(ModelSize(2, 2, 64), 32, 16),
                    "medium": BenchmarkSize(ModelSize(6, 6, 384), 128, 16)}
 
 
-def build_model(task: Task, size: ModelSize, seed: int = 0, num_labels: int | None = None):
+def build_model(task: Task, size: ModelSize, seed: int = 0) -> GPT:
+    """A fresh GPT to pretrain on ``task``: a decoder, or an encoder when ``task.causal`` is False."""
     config = GPTConfig(vocab_size=task.vocab_size, block_size=task.block_size,
-                       n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd)
-    if num_labels is not None:
-        return GPTForSequenceClassification(config, num_labels, seed)
+                       n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd, causal=task.causal)
     return GPT(config, seed)
 
 
@@ -163,9 +201,9 @@ def pretrain(task_name: str = "add", steps: int = 1500, out: str | Path | None =
     Returns (model, report) where report holds the task's held-out metrics and the run time.
     """
     task = make_task(task_name, text_file)
-    if task.is_classification:
-        raise ValueError("pretrain trains a language model; 'sum' is a fine-tuning task "
-                         "(use it as a target of `compare`)")
+    if task_name.split(",")[0] not in LM_TASKS:
+        raise ValueError(f"pretrain trains a language model ({', '.join(LM_TASKS)}); {task_name!r} is a "
+                         "fine-tuning task (use it as a target of `compare`)")
     model = build_model(task, size or ModelSize(), seed)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
                          eval_every=0, seed=seed)
@@ -180,3 +218,8 @@ def pretrain(task_name: str = "add", steps: int = 1500, out: str | Path | None =
                                 "tokenizer": task.data.tokenizer.to_dict(), "report": report})
         save_history_csv(history, out / "history.csv")
     return model, report
+
+
+def default_source(target: str) -> str:
+    """The pretraining task of the base a target is fine-tuned from (arithmetic: "add,sub")."""
+    return DEFAULT_SOURCE.get(target, "add,sub")

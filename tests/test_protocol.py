@@ -7,6 +7,7 @@ import pytest
 import lora_numpy.experiments.side_by_side as compare_module
 from lora_numpy.experiments import CompareConfig, Method, aggregate, choose_lr, steps_to_reach
 from lora_numpy.experiments.side_by_side import pick_lr
+from lora_numpy.tasks import Task
 
 
 def test_choose_lr_keeps_the_best_score_and_reports_every_one():
@@ -21,10 +22,10 @@ def test_a_tie_goes_to_the_smaller_learning_rate():
     assert choose_lr([3e-3, 1e-3], lambda lr: 1.0).chosen == 1e-3
 
 
-class _FakeTask:
+class _FakeTask(Task):
     """A target whose score depends on the lr the model was trained at, and which records the
     splits it was asked to evaluate."""
-    metric, is_classification = "accuracy", False
+    metric = "accuracy"
 
     def __init__(self, objective):
         self.objective, self.splits = objective, []

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lora_numpy.recipes import TASK_NAMES, ModelSize, build_model, make_task, pretrain
+from lora_numpy.recipes import TASK_NAMES, TEXT_TARGETS, ModelSize, build_model, make_task, pretrain
 
 
 @pytest.mark.slow
@@ -53,11 +53,13 @@ def test_low_data_tasks_keep_the_same_validation_and_test_splits():
         np.testing.assert_array_equal(full.data.operands(split), few.data.operands(split))
 
 
-def test_tasks_share_one_vocabulary_and_evaluate():
-    tasks = [make_task(name) for name in TASK_NAMES if name != "text"]
-    assert len({t.data.tokenizer.chars for t in tasks}) == 1  # one base model serves them all
+def test_tasks_share_one_vocabulary_per_base_and_evaluate():
+    text = ("causal", "mlm", *TEXT_TARGETS)
+    for group in ([n for n in TASK_NAMES if n not in ("text", *text)], text):
+        tasks = [make_task(name) for name in group]
+        assert len({t.data.tokenizer.chars for t in tasks}) == 1  # one base model serves them all
     rng = np.random.default_rng(0)
-    for task in tasks:
+    for task in (make_task(name) for name in TASK_NAMES if name != "text"):
         batch = task.batch_fn(4)(rng)
         assert batch[0].shape[0] == 4 and batch[0].shape[1] <= task.block_size
 
