@@ -9,8 +9,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from lora_numpy.checkpoint import load_model
-from lora_numpy.io import load_arrays
 from lora_numpy.cli import main
+from lora_numpy.experiments.methods import LR_GRID
+from lora_numpy.io import load_arrays
 from lora_numpy.models import GPTForSequenceClassification
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -246,7 +247,7 @@ def test_compare_runs_dora_loraplus_qlora_qpissa(tmp_path, cache, capsys, monkey
     assert frozen["dora"] == frozen["loraplus"] == frozen["lora"]
     assert "frozen base" in printed
 
-    assert len(optimizers) == 4 + 1  # LoRA+ only: its grid of four short runs, then one seed
+    assert len(optimizers) == len(LR_GRID) + 1  # LoRA+ only: one short run per grid value, then one seed
     for lr, groups in optimizers:
         for group_lr, kinds in groups:
             if "lora_B" in kinds:
