@@ -141,6 +141,11 @@ def atomic_directory(path, marker: str | None = None):
     return path
 
 
+def save_figure(path, fig, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG, atomically (``fig`` is only asked to ``savefig`` itself)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
 def save_arrays(path, arrays: dict) -> Path:
     """Write name -> array (NumPy or CuPy) to an uncompressed ``.npz``, atomically."""
     host = {name: backend.to_numpy(a) for name, a in arrays.items()}
@@ -167,7 +172,7 @@ def load_arrays(path) -> dict:
         with npz:
             arrays = {name: npz[name] for name in npz.files}
     except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        # NumPy says "use allow_pickle=True" for any file that is not an array: wrong advice here
+        # NumPy advises turning pickle loading on for any file that is not an array: wrong advice here
         why = str(err)
         if "Object arrays" in why:
             why = "it holds an object array, which only pickle could read"

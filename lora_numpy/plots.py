@@ -1,5 +1,5 @@
 """Floor 8: the experiments' figures. Each ``plot_*`` draws on a matplotlib ``Axes`` (so a notebook
-can place it) and the ``save_*`` functions write PNG files through ``io.atomic_write``. Figures are
+can place it) and the ``save_*`` functions write PNG files through ``io.save_figure`` (atomic). Figures are
 built with ``matplotlib.figure.Figure``, which needs no display: this works on a headless machine.
 Every legend names each method's learning rate, chosen on the validation split."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .io import atomic_write
+from .io import save_figure
 from .memory import GPU_BYTES
 
 COLORS = {"full": "#4c72b0", "lora": "#dd8452", "pissa": "#55a868", "qlora": "#8172b3"}
@@ -84,10 +84,6 @@ def _range(spread) -> list:
     return [[max(spread.mean - spread.min, 0.0)], [max(spread.max - spread.mean, 0.0)]]
 
 
-def _save(fig, path) -> Path:
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-
-
 def plot_comparison(results, out) -> list:
     """Save loss_curves.png and learning_vs_forgetting.png into ``out``; return their paths."""
     out = Path(out)
@@ -95,11 +91,11 @@ def plot_comparison(results, out) -> list:
     ax_loss, ax_metric = fig.subplots(1, 2)
     plot_losses(ax_loss, results)
     plot_target_metric(ax_metric, results)
-    paths = [_save(fig, out / "loss_curves.png")]
+    paths = [save_figure(out / "loss_curves.png", fig)]
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     plot_learning_vs_forgetting(fig.subplots(), forgetting_points(results.summaries), results.target_before,
                                 float(np.mean(list(results.source_before.values()))))
-    paths.append(_save(fig, out / "learning_vs_forgetting.png"))
+    paths.append(save_figure(out / "learning_vs_forgetting.png", fig))
     return paths
 
 
@@ -138,7 +134,7 @@ def save_rank_study(study, out) -> Path:
     ax_target, ax_source, ax_both = fig.subplots(1, 3)
     plot_rank_study(ax_target, ax_source, study)
     plot_learning_vs_forgetting(ax_both, rank_forgetting_points(study), study.target_before, study.source_before)
-    return _save(fig, Path(out) / "rank_study.png")
+    return save_figure(Path(out) / "rank_study.png", fig)
 
 
 def plot_memory_vs_params(ax, study) -> None:
@@ -187,4 +183,4 @@ def save_memory_study(study, out) -> Path:
     ax_scale, ax_split = fig.subplots(1, 2)
     plot_memory_vs_params(ax_scale, study)
     plot_memory_split(ax_split, study, study.split_shape)
-    return _save(fig, Path(out) / "memory_scales.png")
+    return save_figure(Path(out) / "memory_scales.png", fig)
