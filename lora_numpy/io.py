@@ -172,7 +172,7 @@ def load_arrays(path) -> dict:
         with npz:
             arrays = {name: npz[name] for name in npz.files}
     except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        # NumPy advises turning pickle loading on for any file that is not an array: wrong advice here
+        # for any file that is not an array, NumPy suggests unpickling it: wrong advice here
         why = str(err)
         if "Object arrays" in why:
             why = "it holds an object array, which only pickle could read"
