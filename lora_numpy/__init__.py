@@ -6,7 +6,8 @@ backend -> tensor -> functional -> nn -> models -> peft -> train -> cli.
 from . import backend
 from .backend import set_backend, to_numpy
 from .autograd import is_grad_enabled, no_grad
-from .tensor import Tensor, cat, stack, where
+from .combine import cat, stack, where
+from .tensor import Tensor
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "backend", "cat", "is_grad_enabled", "no_grad", "set_backend", "stack",

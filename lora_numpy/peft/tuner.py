@@ -15,8 +15,9 @@ import warnings
 import numpy as np
 
 from .. import backend
+from ..combine import cat
 from ..nn import Dropout, Module, ModuleDict, Parameter
-from ..tensor import Tensor, cat
+from ..tensor import Tensor
 from .svd import split_factors, truncate_product
 
 BASE = "__base__"  # the name that routes a batch row through the base layer alone
