@@ -26,9 +26,6 @@ from .nn import Linear4bit, frozen_nbytes
 from .quant import bits_per_parameter
 from .tensor import Tensor
 
-FLOAT_BYTES = 4
-
-
 @dataclass
 class StepMemory:
     """Bytes held during one training step, by category."""

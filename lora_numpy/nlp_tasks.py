@@ -31,7 +31,8 @@ __all__ = ["ADAPTED_MODULES", "DEFAULT_LR", "DocsTask", "FinetuneResult", "METHO
 
 NLP_TASK_NAMES = ("ner", "translate", "docs")
 METHODS = ("full", "lora", "pissa")
-# Every Linear of the blocks; not "all-linear", whose list of heads to skip has no "classifier".
+# Every Linear of the blocks, the same set "all-linear" picks (it skips the heads lm_head, score and
+# classifier), spelled out so that configs and tables name the layers.
 ADAPTED_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
