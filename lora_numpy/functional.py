@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from . import backend
+from . import backend, parallel
 from .autograd import unbroadcast
 from .tensor import Tensor
 
@@ -49,15 +49,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     # Flatten the batch axes: one 2-D GEMM is several times faster than NumPy's batched matmul.
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2 = x.data.reshape(-1, d_in)
-    out = x2 @ weight.data.T
-    if bias is not None:
-        out += bias.data
+    out = parallel.matmul(x2, weight.data.T, None if bias is None else bias.data)
     parents = (x, weight) if bias is None else (x, weight, bias)
 
     def backward(g):  # dx = g W, dW = gᵀ x (summed over rows), db = Σ_rows g
         g2 = g.reshape(-1, g.shape[-1])
-        grads = [(g2 @ weight.data).reshape(lead + (d_in,)) if x.requires_grad else None,
-                 g2.T @ x2 if weight.requires_grad else None]
+        grads = [parallel.matmul(g2, weight.data).reshape(lead + (d_in,)) if x.requires_grad else None,
+                 parallel.matmul(g2.T, x2) if weight.requires_grad else None]
         if bias is not None:
             grads.append(_sum_rows(g2) if bias.requires_grad else None)
         return grads
@@ -83,29 +81,29 @@ def lora_linear(x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: 
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2 = x.data.reshape(-1, d_in)
     xd = x2 if dropout_mask is None else x2 * dropout_mask.reshape(-1, d_in)
-    u = xd @ lora_A.data.T                         # (N, r)
-    out = x2 @ W_of().T
-    if bias is not None:
-        out += bias.data
-    out += (u * scaling) @ lora_B.data.T          # + s · u Bᵀ
+    u = parallel.matmul(xd, lora_A.data.T)                     # (N, r)
+    out = parallel.matmul(x2, W_of().T, None if bias is None else bias.data)
+    out += parallel.matmul(u * scaling, lora_B.data.T)         # + s · u Bᵀ
     weight_parent = () if frozen_fn else (weight,)
     parents = (x, *weight_parent, lora_A, lora_B) + ((bias,) if bias is not None else ())
 
     def backward(g):
         # dx = g W + s (g B) A ⊙ m;  dW = gᵀ x;  dA = s (g B)ᵀ (x ⊙ m);  dB = s gᵀ u;  db = Σ g
         g2 = g.reshape(-1, g.shape[-1])
-        gB = g2 @ lora_B.data                      # (N, r)
+        gB = parallel.matmul(g2, lora_B.data)                  # (N, r)
         gB *= scaling
         dx = None
         if x.requires_grad:
-            lora_dx = gB @ lora_A.data
+            lora_dx = parallel.matmul(gB, lora_A.data)
             if dropout_mask is not None:
                 lora_dx *= dropout_mask.reshape(-1, d_in)
-            dx = (g2 @ W_of() + lora_dx).reshape(lead + (d_in,))
-        dW = [] if frozen_fn else [g2.T @ x2 if weight.requires_grad else None]
+            dx = parallel.matmul(g2, W_of())
+            dx += lora_dx
+            dx = dx.reshape(lead + (d_in,))
+        dW = [] if frozen_fn else [parallel.matmul(g2.T, x2) if weight.requires_grad else None]
         grads = [dx, *dW,
-                 gB.T @ xd if lora_A.requires_grad else None,
-                 (g2.T @ u) * scaling if lora_B.requires_grad else None]
+                 parallel.matmul(gB.T, xd) if lora_A.requires_grad else None,
+                 parallel.matmul(g2.T, u) * scaling if lora_B.requires_grad else None]
         if bias is not None:
             grads.append(_sum_rows(g2) if bias.requires_grad else None)
         return grads
@@ -189,68 +187,86 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     """Normalise the last axis to zero mean, unit variance, then scale and shift.
 
     x (..., D), weight and bias (D,). ``y = (x - μ) / sqrt(σ² + eps) · weight + bias``.
+    Rows are independent, so both passes run in bands of rows on every core (parallel.py).
     """
     d = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (d,):
             raise ValueError(f"layer_norm: {name} has shape {p.shape}, but x {x.shape} needs ({d},) "
                              "(one entry per feature of the last axis)")
-    xhat = x.data - _mean_last(x.data)                        # x - μ, normalised in place below
-    var = backend.xp.einsum("...i,...i->...", xhat, xhat)[..., None] / d  # one pass, no x² temporary
-    rstd = 1.0 / backend.xp.sqrt(var + eps)
-    xhat *= rstd                                              # x̂ = (x - μ) / √(σ² + ε)
-    y = xhat if weight is None else xhat * weight.data
-    if bias is not None:  # in place, unless y is still x̂ (which the backward keeps)
-        y = xhat + bias.data if weight is None else backend.xp.add(y, bias.data, out=y)
+    xp = backend.xp
+    w = weight.data if weight is not None else xp.ones(d, dtype=x.dtype)
+    w_over_d = w / d  # row means of ĝ = g·w as one product: mean(ĝ) = g @ (w / D)
+    xhat, y = xp.empty_like(x.data), xp.empty_like(x.data)
+    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+
+    def forward(x, xhat, rstd, y):
+        xp.subtract(x, _mean_last(x), out=xhat)                         # x - μ
+        var = xp.einsum("...i,...i->...", xhat, xhat)[..., None] / d    # one pass, no x² temporary
+        xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
+        xhat *= rstd                                                    # x̂ = (x - μ) / √(σ² + ε)
+        xp.multiply(xhat, w, out=y)
+        if bias is not None:
+            y += bias.data
+    parallel.over_rows(forward, x.data, xhat, rstd, y)
     parents = tuple(p for p in (x, weight, bias) if p is not None)
 
     def backward(g):
-        grads = []
-        if x.requires_grad:  # dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ x̂)), ĝ = g · weight
-            gh = g if weight is None else g * weight.data
-            dx = xhat * (backend.xp.einsum("...i,...i->...", gh, xhat)[..., None] / d)
-            backend.xp.subtract(gh, dx, out=dx)
-            dx -= _mean_last(gh)
+        # dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)), ĝ = g · weight;  dweight = Σ_rows g ⊙ x̂;
+        # dbias = Σ_rows g. The product g ⊙ x̂ serves twice: mean(ĝ ⊙ x̂) = (g ⊙ x̂) @ (w / D).
+        g_xhat, dx = xp.empty_like(g), xp.empty_like(g)
+
+        def band(g, xhat, rstd, g_xhat, dx):
+            xp.multiply(g, xhat, out=g_xhat)
+            xp.multiply(g, w, out=dx)                                   # ĝ
+            dx -= (g @ w_over_d)[..., None]                             # - mean(ĝ)
+            dx -= xhat * (g_xhat @ w_over_d)[..., None]                 # - x̂ · mean(ĝ ⊙ x̂)
             dx *= rstd
-            grads.append(dx)
-        else:
-            grads.append(None)
-        rows_g, rows_xhat = g.reshape(-1, d), xhat.reshape(-1, d)
-        if weight is not None:  # dweight = Σ_rows g · x̂
-            grads.append(backend.xp.einsum("ni,ni->i", rows_g, rows_xhat) if weight.requires_grad else None)
-        if bias is not None:  # dbias = Σ_rows g
-            grads.append(_sum_rows(rows_g) if bias.requires_grad else None)
+        parallel.over_rows(band, g, xhat, rstd, g_xhat, dx)
+        grads = [dx if x.requires_grad else None]
+        if weight is not None:
+            grads.append(_sum_rows(g_xhat.reshape(-1, d)) if weight.requires_grad else None)
+        if bias is not None:
+            grads.append(_sum_rows(g.reshape(-1, d)) if bias.requires_grad else None)
         return grads
     return Tensor.from_op(y, parents, backward, "layer_norm")
 
 
 def gelu(x: Tensor) -> Tensor:
     """GELU, tanh form (GPT-2's): ``y = ½ x (1 + tanh(u))``, ``u = √(2/π) (x + 0.044715 x³)``."""
-    # Written in place, two buffers in all. The forward keeps s = ½(1 + tanh u), which it needs
-    # anyway, so that the backward takes 9 passes over the array instead of 12 with tanh u
-    # (forward + backward, interleaved, median of 61, 1 thread: 0.84x the time at 2048x512,
-    # 0.86x at 2048x1536 and at 512x256).
-    a = x.data
-    s = a * a
-    s *= _GELU_CUBIC * _SQRT_2_OVER_PI
-    s += _SQRT_2_OVER_PI
-    s *= a                                  # u = √(2/π) (x + 0.044715 x³)
-    backend.xp.tanh(s, out=s)
-    s += 1.0
-    s *= 0.5                                # s = ½ (1 + tanh u)
-    y = a * s
+    # Written in place into two buffers, in bands of rows on every core (parallel.py). The
+    # forward keeps s = ½(1 + tanh u), which it needs anyway, so that the backward takes 9
+    # passes over the array instead of 12 with tanh u (forward + backward, interleaved, median
+    # of 61, 1 thread: 0.84x the time at 2048x512, 0.86x at 2048x1536 and at 512x256).
+    xp = backend.xp
+    s, y = xp.empty_like(x.data), xp.empty_like(x.data)
+
+    def forward(a, s, y):
+        xp.multiply(a, a, out=s)
+        s *= _GELU_CUBIC * _SQRT_2_OVER_PI
+        s += _SQRT_2_OVER_PI
+        s *= a                              # u = √(2/π) (x + 0.044715 x³)
+        xp.tanh(s, out=s)
+        s += 1.0
+        s *= 0.5                            # s = ½ (1 + tanh u)
+        xp.multiply(a, s, out=y)
+    parallel.over_rows(forward, x.data, s, y)
 
     def backward(g):
         # dy/dx = s + x s' with s' = 2 s (1 - s) u' (as 1 - tanh²u = 4 s (1 - s)), so
         # dy/dx = s (1 + 2 x (1 - s) √(2/π) (1 + 3·0.044715 x²))
-        d = a * a
-        d *= 6 * _GELU_CUBIC * _SQRT_2_OVER_PI
-        d += 2 * _SQRT_2_OVER_PI
-        d *= a                              # 2 x √(2/π) (1 + 3·0.044715 x²)
-        d *= backend.xp.subtract(1.0, s)
-        d += 1.0
-        d *= s
-        d *= g
+        d = xp.empty_like(g)
+
+        def band(a, s, g, d):
+            xp.multiply(a, a, out=d)
+            d *= 6 * _GELU_CUBIC * _SQRT_2_OVER_PI
+            d += 2 * _SQRT_2_OVER_PI
+            d *= a                          # 2 x √(2/π) (1 + 3·0.044715 x²)
+            d *= xp.subtract(1.0, s)
+            d += 1.0
+            d *= s
+            d *= g
+        parallel.over_rows(band, x.data, s, g, d)
         return (d,)
     return Tensor.from_op(y, (x,), backward, "gelu")
 
@@ -310,46 +326,75 @@ def causal_bias(t_q: int, t_k: int, dtype):
 
 def attention_weights(q: Tensor, k: Tensor, causal: bool = True):
     """The softmax attention matrix as a plain array (..., Tq, Tk), for plots and tests."""
+    p = backend.xp.empty(q.shape[:-1] + k.shape[-2:-1], dtype=q.dtype)
+    _softmax_scores(q.data, k.data, causal, p)
+    return p
+
+
+def _softmax_scores(q, k, causal: bool, p) -> None:
+    """Write P = softmax(q kᵀ / √d + mask) into ``p`` (..., Tq, Tk), row by row."""
+    xp = backend.xp
     # Scale q (T·d numbers) rather than the scores (T·T numbers).
-    scores = (q.data * (1.0 / math.sqrt(q.shape[-1]))) @ k.data.swapaxes(-1, -2)
+    xp.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.swapaxes(-1, -2), out=p)
     if causal:
-        scores += causal_bias(q.shape[-2], k.shape[-2], scores.dtype)
-    scores -= scores.max(axis=-1, keepdims=True)
-    backend.xp.exp(scores, out=scores)
-    scores *= 1.0 / scores.sum(axis=-1, keepdims=True)  # Tq divisions, then Tq·Tk products
-    return scores
+        p += causal_bias(q.shape[-2], k.shape[-2], p.dtype)
+    p -= p.max(axis=-1, keepdims=True)
+    xp.exp(p, out=p)
+    p *= 1.0 / (p @ xp.ones(p.shape[-1], dtype=p.dtype))[..., None]  # Tq divisions, Tq·Tk products
+
+
+def _over_batch(kernel, *arrays) -> None:
+    """Attention's bands: over the first (batch) axis when there is one, so that a band never
+    cuts through one sequence's keys; 2-D (Tq, d) inputs run as one band."""
+    if arrays[0].ndim > 2:
+        parallel.over_rows(kernel, *arrays)
+    else:
+        kernel(*arrays)
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
     """``softmax(q kᵀ / √d) v``; q (..., Tq, d), k (..., Tk, d), v (..., Tk, dv) -> (..., Tq, dv).
 
     With ``causal`` each query attends only to keys at its own position or before it. One node
-    saves q, k, v and the attention matrix P; the scores are not kept.
+    saves q, k, v and the attention matrix P; the scores are not kept. The sequences of a batch
+    are independent, so forward and backward run in bands of sequences on every core.
     """
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"attention shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape}")
+    xp = backend.xp
+    lead = xp.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    # Broadcast views (no copies) give every array the same batch axes, so bands line up.
+    qb, kb, vb = (xp.broadcast_to(t.data, lead + t.shape[-2:]) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1])
-    p = attention_weights(q, k, causal).astype(q.dtype, copy=False)
-    out = p @ v.data
+    p = xp.empty(lead + (q.shape[-2], k.shape[-2]), dtype=q.dtype)
+    out = xp.empty(lead + (q.shape[-2], v.shape[-1]), dtype=q.dtype)
+
+    def forward(q, k, v, p, out):
+        _softmax_scores(q, k, causal, p)
+        xp.matmul(p, v, out=out)
+    _over_batch(forward, qb, kb, vb, p, out)
 
     def backward(g):
         # dv = Pᵀ g;  dP = g vᵀ;  dS = P ⊙ (dP - D);  dq = dS k / √d;  dk = dSᵀ q / √d, where
         # D_i = Σ_k dP_ik P_ik = Σ_k Σ_j g_ij v_kj P_ik = Σ_j g_ij out_ij: a row sum over the
         # (Tq, dv) product g ⊙ out instead of the (Tq, Tk) one (FlashAttention's identity), and the
         # 1/√d applied to dq and dk (T·d numbers) rather than dS (T·T): two T·T passes fewer.
-        gv = unbroadcast(p.swapaxes(-1, -2) @ g, v.shape) if v.requires_grad else None
-        gq = gk = None
-        if q.requires_grad or k.requires_grad:
-            ds = g @ v.data.swapaxes(-1, -2)                       # dP
-            ds -= backend.xp.einsum("...ij,...ij->...i", g, out)[..., None]
-            ds *= p
-            if q.requires_grad:
-                gq = ds @ k.data
+        need_v, need_qk = v.requires_grad, q.requires_grad or k.requires_grad
+        gq, gk, gv = (xp.empty(lead + t.shape[-2:], dtype=q.dtype) for t in (q, k, v))
+
+        def band(g, q_, k_, v_, p, out, gq, gk, gv):
+            if need_v:
+                xp.matmul(p.swapaxes(-1, -2), g, out=gv)
+            if need_qk:
+                ds = g @ v_.swapaxes(-1, -2)                               # dP
+                ds -= xp.einsum("...ij,...ij->...i", g, out)[..., None]
+                ds *= p
+                xp.matmul(ds, k_, out=gq)
                 gq *= scale
-                gq = unbroadcast(gq, q.shape)
-            if k.requires_grad:
-                gk = ds.swapaxes(-1, -2) @ q.data
+                xp.matmul(ds.swapaxes(-1, -2), q_, out=gk)
                 gk *= scale
-                gk = unbroadcast(gk, k.shape)
-        return gq, gk, gv
+        _over_batch(band, xp.broadcast_to(g, out.shape), qb, kb, vb, p, out, gq, gk, gv)
+        return (unbroadcast(gq, q.shape) if q.requires_grad else None,
+                unbroadcast(gk, k.shape) if k.requires_grad else None,
+                unbroadcast(gv, v.shape) if v.requires_grad else None)
     return Tensor.from_op(out, (q, k, v), backward, "attention")

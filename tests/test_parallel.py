@@ -1,0 +1,132 @@
+"""The thread pool of parallel.py: bands of rows give the plain one-band result, every row once.
+
+Each op that runs in bands (linear, the LoRA linear, layer norm, GELU, attention) is run twice
+on the same random inputs, float64 and float32: once as one band (the plain kernel on the whole
+arrays, BLAS on its own threads) and once cut into three bands on three threads, with the
+thresholds lowered so that even these small arrays are cut. Outputs and gradients must agree.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+from lora_numpy import Tensor, parallel
+from lora_numpy import functional as F
+
+needs_pool = pytest.mark.skipif(parallel._blas is None,
+                                reason="bands need control of OpenBLAS's threads")
+TOL = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+@pytest.fixture
+def bands(monkeypatch):
+    """A function that runs ``fn`` with ``n`` threads and every array worth cutting."""
+    monkeypatch.setattr(parallel, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(parallel, "MIN_MULTIPLY_ADDS", 1)
+    before = parallel.threads
+
+    def run_with(n, fn):
+        parallel.set_threads(n)
+        try:
+            return fn()
+        finally:
+            parallel.set_threads(before)
+    return run_with
+
+
+def forward_backward(op, arrays, seed=0):
+    tensors = [Tensor(a, requires_grad=True) for a in arrays]
+    out = op(*tensors)
+    out.backward(np.random.default_rng(seed).standard_normal(out.shape).astype(out.dtype))
+    return [out.data] + [t.grad for t in tensors]
+
+
+OPS = {
+    "linear": (lambda x, w, b: F.linear(x, w, b), [(5, 7, 6), (9, 6), (9,)]),
+    "lora_linear": (lambda x, w, a, b: F.lora_linear(x, w, None, a, b, 2.0),
+                    [(5, 7, 6), (9, 6), (3, 6), (9, 3)]),
+    "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b), [(5, 7, 16), (16,), (16,)]),
+    "gelu": (F.gelu, [(7, 33)]),
+    "attention": (F.scaled_dot_product_attention, [(5, 3, 8, 4)] * 3),
+    "attention, not causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False),
+                              [(5, 3, 8, 4)] * 3),
+}
+
+
+@needs_pool
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", list(OPS))
+def test_bands_give_the_one_band_result(bands, name, dtype):
+    op, shapes = OPS[name]
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    plain = bands(1, lambda: forward_backward(op, arrays))
+    cut = bands(3, lambda: forward_backward(op, arrays))
+    for a, b in zip(plain, cut):
+        assert b.dtype == dtype
+        np.testing.assert_allclose(b, a, **TOL[dtype])
+
+
+@needs_pool
+def test_every_row_is_visited_once_and_bands_run_on_other_threads(bands):
+    visits = np.zeros((7, 2))
+    seen_threads = set()
+
+    def kernel(rows):
+        seen_threads.add(threading.get_ident())
+        rows += 1
+
+    bands(3, lambda: parallel.over_rows(kernel, visits))  # 7 rows in 3 bands: 2, 2, 3
+    np.testing.assert_array_equal(visits, 1)
+    assert len(seen_threads) >= 2  # the caller and the pool (which may reuse one thread)
+
+
+@needs_pool
+def test_an_error_in_a_band_reaches_the_caller(bands):
+    def kernel(rows):
+        if rows[0, 0] > 0:  # only the second band fails
+            raise ArithmeticError("band failed")
+
+    with pytest.raises(ArithmeticError, match="band failed"):
+        bands(2, lambda: parallel.over_rows(kernel, np.arange(4.0).reshape(4, 1)))
+
+
+@needs_pool
+def test_blas_gets_one_thread_per_band_and_its_threads_back_when_idle(bands, monkeypatch):
+    get_blas_threads = parallel._blas[0]
+    own = parallel._blas_own_threads
+    a = np.ones((8, 8))
+    bands(2, lambda: parallel.matmul(a, a))
+    assert get_blas_threads() == 1  # the bands hold the cores
+    monkeypatch.setattr(parallel, "HAND_BACK_SECONDS", 0.0)
+    monkeypatch.setattr(parallel, "MIN_MULTIPLY_ADDS", 10 ** 9)  # now a one-band product
+    bands(2, lambda: parallel.matmul(a, a))
+    assert get_blas_threads() == own
+
+
+def test_arrays_whose_first_axes_differ_run_as_one_band(bands):
+    seen = []
+    bands(2, lambda: parallel.over_rows(lambda a, b: seen.append((a.shape, b.shape)),
+                                        np.zeros((4, 3)), np.zeros((1, 3))))
+    assert seen == [((4, 3), (1, 3))]
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_thread_count_in_the_environment_is_named(monkeypatch, value):
+    monkeypatch.setenv("LORA_NUMPY_THREADS", value)
+    with pytest.raises(ValueError, match=f"LORA_NUMPY_THREADS='{value}'"):
+        parallel._threads_from_environment()
+
+
+def test_the_environment_sets_the_thread_count(monkeypatch):
+    monkeypatch.setenv("LORA_NUMPY_THREADS", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert parallel._threads_from_environment() == 3
+    monkeypatch.delenv("LORA_NUMPY_THREADS")
+    assert parallel._threads_from_environment() == 1
+
+
+@pytest.mark.parametrize("n", [0, 1.5, "2"])
+def test_set_threads_refuses_a_non_count(n):
+    with pytest.raises(ValueError, match="thread count"):
+        parallel.set_threads(n)
