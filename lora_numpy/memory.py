@@ -179,7 +179,7 @@ class ModelShape:
         """Floats this engine keeps for backward (N = batch·seq tokens, C = n_embd, F = MLP width).
 
         Per block, counted per op of lora_numpy: two LayerNorms keep output and normalised input
-        (4·N·C), q/k/v (N·(C + 2·kv)), the attention output and its re-layout (2·N·C), out_proj
+        (4·N·C), q/k/v (N·(C + 2·kv)), the attention output (N·C; merging its heads is a view), out_proj
         and the residual sum (2·N·C), the MLP 3·N·F (fc1 output, GELU output and its tanh; for
         SwiGLU 4·N·F: gate, up, SiLU, product), fc2 and the residual (2·N·C), and the softmaxed
         attention matrix batch·H·seq². Outside the blocks: embeddings 2·N·C + seq·C, ln_f 2·N·C,
@@ -188,7 +188,7 @@ class ModelShape:
         N·C, and backward recomputes one block at a time: n_layer·N·C + one block's floats."""
         n, c = batch * seq, self.n_embd
         mlp = (4 if self.llama else 3) * n * self.mlp_width
-        block = 10 * n * c + n * (c + 2 * self.kv_width) + mlp + batch * self.n_head * seq * seq
+        block = 9 * n * c + n * (c + 2 * self.kv_width) + mlp + batch * self.n_head * seq * seq
         adapted = sum(1 for name in self.linears() if targets == "all-linear" or name in targets)
         block += adapted * n * lora_rank
         outside = 2 * n * c + seq * c + 2 * n * c + 2 * n * self.vocab_size

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from . import backend
+from . import backend, parallel
 from .tensor import Tensor
 
 
@@ -171,22 +171,26 @@ class AdamW(Optimizer):
             state.update(step=0, exp_avg=xp.zeros_like(p.data), exp_avg_sq=xp.zeros_like(p.data))
         state["step"] += 1
         t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        if wd:  # decoupled: θ ← θ − ηλθ, applied to θ itself, not mixed into the moments
-            p.data *= 1 - lr * wd
-        # One scratch array serves every intermediate; m, v and θ are updated in place.
-        scratch = g * (1 - beta1)
-        m *= beta1
-        m += scratch  # m ← β₁m + (1−β₁)g
-        xp.multiply(g, g, out=scratch)
-        scratch *= 1 - beta2
-        v *= beta2
-        v += scratch  # v ← β₂v + (1−β₂)g²
-        xp.sqrt(v, out=scratch)
-        scratch /= math.sqrt(1 - beta2 ** t)
-        scratch += eps  # √v̂ + ε, with v̂ = v / (1−β₂ᵗ): v starts at 0, so early v is too small
-        xp.divide(m, scratch, out=scratch)
-        scratch *= lr / (1 - beta1 ** t)  # η m̂ / (√v̂ + ε), with m̂ = m / (1−β₁ᵗ)
-        p.data -= scratch
+        bias1, bias2 = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
+
+        def band(theta, g, m, v):  # elementwise, so a large matrix runs in bands of rows
+            if wd:  # decoupled: θ ← θ − ηλθ, applied to θ itself, not mixed into the moments
+                theta *= 1 - lr * wd
+            # One scratch array serves every intermediate; m, v and θ are updated in place.
+            scratch = g * (1 - beta1)
+            m *= beta1
+            m += scratch  # m ← β₁m + (1−β₁)g
+            xp.multiply(g, g, out=scratch)
+            scratch *= 1 - beta2
+            v *= beta2
+            v += scratch  # v ← β₂v + (1−β₂)g²
+            xp.sqrt(v, out=scratch)
+            scratch /= bias2
+            scratch += eps  # √v̂ + ε, with v̂ = v / (1−β₂ᵗ): v starts at 0, so early v is too small
+            xp.divide(m, scratch, out=scratch)
+            scratch *= lr / bias1  # η m̂ / (√v̂ + ε), with m̂ = m / (1−β₁ᵗ)
+            theta -= scratch
+        parallel.over_rows(band, p.data, g, m, v)
 
 
 def param_groups_for_weight_decay(named_parameters, weight_decay: float) -> list:

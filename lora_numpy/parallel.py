@@ -39,9 +39,10 @@ from . import backend
 
 # A band must be worth waking a thread for (~60 µs): a fused op gets at least MIN_ELEMENTS of
 # its largest array per band (~8 passes over 512 KiB: ~0.2 ms), a product MIN_MULTIPLY_ADDS
-# (~0.15 ms of one core's sgemm). Smaller work runs as one band.
+# (~0.3 ms of one core's sgemm). Smaller work runs as one band: splitting also takes BLAS's
+# threads away from the ops around it (see above), so a band must pay for more than its wake-up.
 MIN_ELEMENTS = 1 << 17
-MIN_MULTIPLY_ADDS = 1 << 23
+MIN_MULTIPLY_ADDS = 1 << 24
 HAND_BACK_SECONDS = 0.1  # no op split for this long: BLAS gets its own threads back
 
 
@@ -125,15 +126,16 @@ def bands_for(work: int, min_per_band: int | None = None) -> int:
 def over_rows(kernel, *arrays, bands: int | None = None) -> None:
     """Run ``kernel(*bands)`` on bands of rows (the first axis) of ``arrays``, in parallel.
 
-    The kernel must treat each row on its own and write its results into arrays it was given
-    (its return value is dropped). Arrays that are not cut (weights, masks) reach the kernel
-    through its closure. ``bands`` defaults to ``bands_for`` the largest array's size. Arrays
-    whose first axes differ (0-d, or broadcast) run as one band.
+    Every array is cut into the same number of bands, each along its own first axis (so one
+    call can split a (N, d) array by tokens and a (d_out, d) one by features). The kernel must
+    treat each row on its own and write its results into arrays it was given (its return value
+    is dropped). Arrays that are not cut (weights, masks) reach the kernel through its closure.
+    ``bands`` defaults to ``bands_for`` the largest array's size; an array with fewer rows than
+    bands (0-d, or a broadcast axis of 1) makes it one band.
     """
     global _pool, _last_split
-    rows = arrays[0].shape[0] if arrays[0].ndim else 0
-    bands = min(rows, bands_for(max(a.size for a in arrays)) if bands is None else bands)
-    if bands < 2 or backend.name != "numpy" or any(a.shape[:1] != (rows,) for a in arrays):
+    bands = bands_for(max(a.size for a in arrays)) if bands is None else bands
+    if bands < 2 or backend.name != "numpy" or any(a.ndim == 0 or a.shape[0] < bands for a in arrays):
         if time.perf_counter() - _last_split > HAND_BACK_SECONDS:
             _set_blas_threads(_blas_own_threads)
         kernel(*arrays)
@@ -142,12 +144,12 @@ def over_rows(kernel, *arrays, bands: int | None = None) -> None:
     _set_blas_threads(1)
     if _pool is None:
         _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="lora_numpy")
-    edges = [rows * i // bands for i in range(bands + 1)]
+    cuts = [[a[a.shape[0] * i // bands:a.shape[0] * (i + 1) // bands] for a in arrays]
+            for i in range(bands)]
     # The calling thread takes the first band itself instead of sleeping until the others end.
-    others = [_pool.submit(kernel, *(a[lo:hi] for a in arrays))
-              for lo, hi in zip(edges[1:-1], edges[2:])]
+    others = [_pool.submit(kernel, *band) for band in cuts[1:]]
     try:
-        kernel(*(a[:edges[1]] for a in arrays))
+        kernel(*cuts[0])
     finally:
         for future in others:
             future.result()  # re-raises a band's exception here
