@@ -96,4 +96,4 @@ def run_backward(root, grad, retain_graph: bool = False) -> None:
                 key = id(parent)
                 grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
         if not retain_graph:  # drop the closure and with it every array it saved
-            node._backward, node._prev, node._freed = None, (), True
+            node._backward, node._prev, node._saved, node._freed = None, (), (), True

@@ -43,4 +43,5 @@ def where(condition, a, b) -> Tensor:
     def backward(g):  # the gradient follows whichever operand was picked
         return (unbroadcast(backend.xp.where(condition, g, 0), a.shape) if a.requires_grad else None,
                 unbroadcast(backend.xp.where(condition, 0, g), b.shape) if b.requires_grad else None)
-    return Tensor.from_op(backend.xp.where(condition, a.data, b.data), (a, b), backward, "where")
+    return Tensor.from_op(backend.xp.where(condition, a.data, b.data), (a, b), backward, "where",
+                          saved=(condition,))

@@ -59,7 +59,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         grads = [None if dx is None else dx.reshape(lead + (d_in,)), dW]
         return grads if bias is None else grads + [db]
     out = out.reshape(lead + (weight.shape[0],))
-    return Tensor.from_op(out, parents, backward, "linear")
+    return Tensor.from_op(out, parents, backward, "linear", saved=(x2,))  # x2: a copy if x was strided
 
 
 def _linear_backward(g2, x2, W, need_dx: bool, need_dW: bool, need_db: bool, lora=None):
@@ -157,7 +157,8 @@ def lora_linear(x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: 
                  parallel.matmul(sgB.T, xd) if lora_A.requires_grad else None,
                  dB if lora_B.requires_grad else None]
         return grads if bias is None else grads + [db]
-    return Tensor.from_op(out.reshape(lead + (out.shape[-1],)), parents, backward, "lora_linear")
+    return Tensor.from_op(out.reshape(lead + (out.shape[-1],)), parents, backward, "lora_linear",
+                          saved=(x2, xd, u) + (() if m is None else (m,)))
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
@@ -229,7 +230,7 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, weight=None
         dz = e * (row_scale / sum_e)[:, None]
         dz[rows, safe_t] -= row_scale
         return (dz.reshape(logits.shape),)
-    return Tensor.from_op(loss, (logits,), backward, "cross_entropy")
+    return Tensor.from_op(loss, (logits,), backward, "cross_entropy", saved=(e, sum_e, w, rows, safe_t))
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -279,7 +280,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         if bias is not None:
             grads.append(_sum_rows(g.reshape(-1, d)) if bias.requires_grad else None)
         return grads
-    return Tensor.from_op(y, parents, backward, "layer_norm")
+    return Tensor.from_op(y, parents, backward, "layer_norm", saved=(xhat, rstd, w, w_over_d))
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -318,7 +319,7 @@ def gelu(x: Tensor) -> Tensor:
             d *= g
         parallel.over_rows(band, x.data, s, g, d)
         return (d,)
-    return Tensor.from_op(y, (x,), backward, "gelu")
+    return Tensor.from_op(y, (x,), backward, "gelu", saved=(s,))
 
 
 def dropout_mask(shape, p: float, rng, dtype):
@@ -341,7 +342,7 @@ def dropout(x: Tensor, p: float, training: bool, rng) -> Tensor:
 
     def backward(g):  # dy/dx = mask / (1-p)
         return (g * mask,)
-    return Tensor.from_op(x.data * mask, (x,), backward, "dropout")
+    return Tensor.from_op(x.data * mask, (x,), backward, "dropout", saved=(mask,))
 
 
 def embedding(idx, weight: Tensor) -> Tensor:
@@ -357,7 +358,7 @@ def embedding(idx, weight: Tensor) -> Tensor:
         dw = backend.xp.zeros_like(weight.data)
         backend.index_add_rows(dw, ids.reshape(-1), g.reshape(-1, weight.shape[1]))
         return (dw,)
-    return Tensor.from_op(weight.data[ids], (weight,), backward, "embedding")
+    return Tensor.from_op(weight.data[ids], (weight,), backward, "embedding", saved=(ids,))
 
 
 _causal_bias_cache: dict = {}
@@ -450,4 +451,4 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         return (unbroadcast(gq, q.shape) if q.requires_grad else None,
                 unbroadcast(gk, k.shape) if k.requires_grad else None,
                 unbroadcast(gv, v.shape) if v.requires_grad else None)
-    return Tensor.from_op(out, (q, k, v), backward, "attention")
+    return Tensor.from_op(out, (q, k, v), backward, "attention", saved=(p,))

@@ -53,20 +53,15 @@ def _buffer(a):
 
 
 def graph_arrays(loss: Tensor) -> dict:
-    """id -> array for every buffer the graph behind ``loss`` keeps alive: each node's output
-    and every array its backward closure saved (views counted once, through their base)."""
+    """id -> array for every buffer the graph behind ``loss`` keeps alive: each node's output,
+    its inputs' arrays and what its op declared it saved for backward (``Tensor.from_op``'s
+    ``saved``); views counted once, through their base."""
     held = {}
-
-    def add(a):
-        if hasattr(a, "nbytes") and hasattr(a, "shape") and a.shape != ():
-            root = _buffer(a)
-            held[id(root)] = root
     for node in topological_order(loss):
-        add(node.data)
-        for cell in (node._backward.__closure__ or ()) if node._backward else ():
-            value = cell.cell_contents
-            for item in (value if isinstance(value, (tuple, list)) else (value,)):
-                add(item.data if isinstance(item, Tensor) else item)
+        for a in (node.data, *(parent.data for parent in node._prev), *node._saved):
+            if hasattr(a, "nbytes") and a.shape != ():
+                root = _buffer(a)
+                held[id(root)] = root
     return held
 
 

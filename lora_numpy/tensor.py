@@ -43,7 +43,7 @@ class Tensor:
     across calls until the user clears it.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_prev", "_backward", "_op", "_freed",
+    __slots__ = ("data", "grad", "requires_grad", "_prev", "_backward", "_op", "_saved", "_freed",
                  "_retains_grad", "__weakref__")
     # Make `ndarray + Tensor` call Tensor.__radd__ instead of NumPy's elementwise loop.
     __array_ufunc__ = None
@@ -57,6 +57,7 @@ class Tensor:
         self._prev = ()
         self._backward = None
         self._op = ""
+        self._saved = ()
         self._freed = False
         self._retains_grad = False
 
@@ -125,20 +126,24 @@ class Tensor:
         return a, b
 
     @staticmethod
-    def from_op(data, parents: tuple, backward, op: str) -> "Tensor":
+    def from_op(data, parents: tuple, backward, op: str, saved: tuple = ()) -> "Tensor":
         """The output of an op: how every op in tensor.py and functional.py records itself.
 
         ``data`` is the result array; ``parents`` the input tensors; ``backward(g)`` maps the
         gradient of the output to one gradient per parent, in the order of ``parents`` (None
         for a parent that needs none; autograd checks the count and the shapes); ``op`` names
-        the node. The node is recorded only if a gradient can flow back.
+        the node. ``saved`` lists every other array the backward reads, beyond the parents'
+        data and ``data`` itself (PyTorch's ``ctx.save_for_backward``): the graph keeps them
+        alive until backward, and memory.py counts them. The node is recorded only if a
+        gradient can flow back.
         """
         out = Tensor.__new__(Tensor)
         out.data, out.grad, out._freed, out._retains_grad = data, None, False, False
         if autograd.grad_enabled and any(p.requires_grad for p in parents):
             out.requires_grad, out._prev, out._backward, out._op = True, tuple(parents), backward, op
+            out._saved = tuple(saved)
         else:
-            out.requires_grad, out._prev, out._backward, out._op = False, (), None, ""
+            out.requires_grad, out._prev, out._backward, out._op, out._saved = False, (), None, "", ()
         return out
 
     # ---- backward ---------------------------------------------------------------------
@@ -274,7 +279,7 @@ class Tensor:
         def backward(g):  # 0 where filled, 1 elsewhere
             return (unbroadcast(backend.xp.where(mask, 0, g), a.shape),)
         return Tensor.from_op(backend.xp.where(mask, backend.xp.asarray(value, dtype=a.dtype), a.data),
-                              (a,), backward, "masked_fill")
+                              (a,), backward, "masked_fill", saved=(mask,))
 
     # ---- reductions -------------------------------------------------------------------
     def sum(self, axis=None, keepdims: bool = False):
@@ -342,7 +347,8 @@ class Tensor:
             else:
                 backend.scatter_add(full, index, g)
             return (full,)
-        return Tensor.from_op(a.data[index], (a,), backward, "getitem")
+        index_arrays = [i for i in (index if isinstance(index, tuple) else (index,)) if hasattr(i, "shape")]
+        return Tensor.from_op(a.data[index], (a,), backward, "getitem", saved=index_arrays)
 
 
 def _is_basic_index(index) -> bool:

@@ -275,3 +275,39 @@ def test_qlora_keeps_the_activations_of_lora_and_a_smaller_peak(measured):
     assert qlora.activations == lora.activations
     assert qlora.params_frozen < lora.params_frozen / 4
     assert qlora.measured_peak < lora.measured_peak
+
+
+def _closure_arrays(node):
+    """Every array a node's backward closure holds (a Tensor through its .data): what memory.py
+    read before ops declared what they save; here the check that the declarations are whole."""
+    for cell in node._backward.__closure__ or ():
+        value = cell.cell_contents
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            item = item.data if hasattr(item, "requires_grad") else item
+            if hasattr(item, "nbytes") and item.shape != ():
+                yield item
+
+
+@pytest.mark.parametrize("method", ["full, dropout", "lora, dropout", "dora", "qlora", "embedding lora"])
+def test_every_op_declares_each_array_its_backward_keeps(method):
+    from lora_numpy.autograd import topological_order
+    from lora_numpy.memory import _buffer
+    config = GPTConfig(**{**SMALL, "n_layer": 2, "dropout": 0.1 if "dropout" in method else 0.0})
+    model = GPT(config, seed=0)
+    if method == "qlora":
+        quantize_linears(model)
+    if method != "full, dropout":
+        targets = ("wte",) if method == "embedding lora" else "all-linear"
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, use_dora=method == "dora",
+                                                 lora_dropout=0.1 if "dropout" in method else 0.0))
+    model.train()
+    rng = np.random.default_rng(0)
+    loss = default_loss(model, (rng.integers(0, 96, (2, 16)), rng.integers(0, 96, (2, 16))))
+    stored = {id(_buffer(p.data)) for p in model.parameters()}
+    for node in topological_order(loss):
+        if node._backward is None:
+            continue
+        declared = {id(_buffer(a)) for a in (node.data, *(p.data for p in node._prev), *node._saved)}
+        undeclared = [a.shape for a in _closure_arrays(node)
+                      if id(_buffer(a)) not in declared | stored]
+        assert not undeclared, f"op '{node._op}' keeps arrays of shapes {undeclared} it did not declare"

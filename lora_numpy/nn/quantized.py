@@ -41,6 +41,7 @@ def matmul_4bit(x: Tensor, packed, quant_state, bias: Tensor | None = None) -> T
             return [dx]
         return [dx, g2.sum(axis=0) if bias.requires_grad else None]
     parents = (x,) if bias is None else (x, bias)
+    # saves nothing: the codes and statistics it reads again are the layer's stored weights
     return Tensor.from_op(out.reshape(lead + (out.shape[-1],)), parents, backward, "matmul_4bit")
 
 
