@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import backend, parallel
 from .autograd import unbroadcast
 from .tensor import Tensor
@@ -413,7 +415,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"attention shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape}")
     xp = backend.xp
-    lead = xp.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])  # shapes only: any backend
     # Broadcast views (no copies) give every array the same batch axes, so bands line up.
     qb, kb, vb = (xp.broadcast_to(t.data, lead + t.shape[-2:]) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1])

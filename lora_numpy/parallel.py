@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -96,6 +97,16 @@ def _set_blas_threads(n) -> None:
 _blas_own_threads = _blas[0]() if _blas else None  # what BLAS had before the pool took over
 threads = 1  # bands per over_rows call; 1 turns the pool off (set below)
 _pool: ThreadPoolExecutor | None = None
+_in_band = threading.local()  # .active: this thread is running a band (bands do not split again)
+
+
+def _forget_pool_after_fork() -> None:
+    global _pool
+    _pool = None  # a forked child has none of the parent's threads: start a new pool if needed
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def set_threads(n: int) -> None:
@@ -135,7 +146,8 @@ def over_rows(kernel, *arrays, bands: int | None = None) -> None:
     """
     global _pool, _last_split
     bands = bands_for(max(a.size for a in arrays)) if bands is None else bands
-    if bands < 2 or backend.name != "numpy" or any(a.ndim == 0 or a.shape[0] < bands for a in arrays):
+    if (bands < 2 or backend.name != "numpy" or getattr(_in_band, "active", False)
+            or any(a.ndim == 0 or a.shape[0] < bands for a in arrays)):
         if time.perf_counter() - _last_split > HAND_BACK_SECONDS:
             _set_blas_threads(_blas_own_threads)
         kernel(*arrays)
@@ -147,12 +159,22 @@ def over_rows(kernel, *arrays, bands: int | None = None) -> None:
     cuts = [[a[a.shape[0] * i // bands:a.shape[0] * (i + 1) // bands] for a in arrays]
             for i in range(bands)]
     # The calling thread takes the first band itself instead of sleeping until the others end.
-    others = [_pool.submit(kernel, *band) for band in cuts[1:]]
+    others = [_pool.submit(_run_band, kernel, band) for band in cuts[1:]]
     try:
-        kernel(*cuts[0])
+        _run_band(kernel, cuts[0])
     finally:
         for future in others:
             future.result()  # re-raises a band's exception here
+
+
+def _run_band(kernel, arrays) -> None:
+    """Run one band; an op called inside it runs whole (waiting for bands of its own, a pool
+    thread could wait forever for threads that are all busy waiting too)."""
+    _in_band.active = True
+    try:
+        kernel(*arrays)
+    finally:
+        _in_band.active = False
 
 
 def matmul(a, b, bias=None):

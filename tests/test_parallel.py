@@ -93,18 +93,22 @@ def test_an_error_in_a_band_reaches_the_caller(bands):
 
 @needs_pool
 def test_blas_gets_one_thread_per_band_and_its_threads_back_when_idle(bands, monkeypatch):
-    get_blas_threads = parallel._blas[0]
-    own = parallel._blas_own_threads
+    get_blas_threads, own = parallel._blas[0], parallel._blas_own_threads
+    if own < 2:
+        pytest.skip("BLAS was given one thread (OMP_NUM_THREADS=1?): nothing to hand back")
     a = np.ones((8, 8))
-    bands(2, lambda: parallel.matmul(a, a))
-    assert get_blas_threads() == 1  # the bands hold the cores
-    monkeypatch.setattr(parallel, "HAND_BACK_SECONDS", 0.0)
-    monkeypatch.setattr(parallel, "MIN_MULTIPLY_ADDS", 10 ** 9)  # now a one-band product
-    bands(2, lambda: parallel.matmul(a, a))
-    assert get_blas_threads() == own
+
+    def split_then_idle():
+        parallel.matmul(a, a)
+        during = get_blas_threads()  # the bands hold the cores
+        monkeypatch.setattr(parallel, "HAND_BACK_SECONDS", 0.0)
+        monkeypatch.setattr(parallel, "MIN_MULTIPLY_ADDS", 10 ** 9)  # now a one-band product
+        parallel.matmul(a, a)
+        return during, get_blas_threads()
+    assert bands(2, split_then_idle) == (1, own)
 
 
-def test_arrays_whose_first_axes_differ_run_as_one_band(bands):
+def test_an_array_with_fewer_rows_than_bands_makes_it_one_band(bands):
     seen = []
     bands(2, lambda: parallel.over_rows(lambda a, b: seen.append((a.shape, b.shape)),
                                         np.zeros((4, 3)), np.zeros((1, 3))))
@@ -130,3 +134,41 @@ def test_the_environment_sets_the_thread_count(monkeypatch):
 def test_set_threads_refuses_a_non_count(n):
     with pytest.raises(ValueError, match="thread count"):
         parallel.set_threads(n)
+
+
+@needs_pool
+def test_an_op_inside_a_band_runs_whole_instead_of_waiting_forever(bands):
+    inner_bands = []
+
+    def inner(rows):
+        inner_bands.append(rows.shape[0])
+
+    def outer(rows):
+        parallel.over_rows(inner, rows)  # every pool thread is busy with an outer band
+
+    # In a thread of its own, so that a deadlock fails the test instead of hanging it.
+    runner = threading.Thread(target=bands, args=(2, lambda: parallel.over_rows(outer, np.zeros((6, 1)))),
+                              daemon=True)
+    runner.start()
+    runner.join(timeout=20)
+    assert not runner.is_alive(), "an op inside a band waited forever for the pool"
+    assert sorted(inner_bands) == [3, 3]  # each outer band ran the inner op as one band
+
+
+@needs_pool
+def test_a_forked_child_starts_a_pool_of_its_own(bands):
+    import os
+    import signal
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+
+    def fork_while_the_pool_lives():
+        parallel.over_rows(lambda rows: None, np.zeros((4, 1)))  # the parent's pool, now alive
+        pid = os.fork()
+        if pid == 0:  # the child: a band must run, not wait for the parent's threads
+            signal.alarm(20)  # a child that hangs dies, so the test fails instead of hanging
+            visits = np.zeros((4, 1))
+            parallel.over_rows(lambda rows: rows.__iadd__(1), visits)
+            os._exit(0 if visits.sum() == 4 else 1)
+        return os.waitpid(pid, 0)[1]
+    assert os.waitstatus_to_exitcode(bands(2, fork_while_the_pool_lives)) == 0
