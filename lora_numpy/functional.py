@@ -71,8 +71,8 @@ def _linear_backward(g2, x2, W, need_dx: bool, need_dW: bool, need_db: bool, lor
     None or (A (r, d_in), B (d_out, r), s, u = (x ⊙ m) Aᵀ (N, r), m (N, d_in) or None).
     Returns dx (N, d_in), dW, db (d_out,), s (g B) (N, r) and dB = s gᵀ u (d_out, r), None where
     not needed. Each band takes a slice of the tokens (dx = g W + s (g B) A ⊙ m) and a slice of
-    the output features (dW = gᵀ x; db = gᵀ 1, a product with ones, as BLAS sums faster than
-    NumPy; dB). dA = s (g B)ᵀ (x ⊙ m) sums over every token: the caller forms it afterwards.
+    the output features (dW = gᵀ x, dB). db = Σ_rows g and dA = s (g B)ᵀ (x ⊙ m) sum over every
+    token: db is taken after the bands, dA by the caller.
     """
     xp = backend.xp
     (n, d_out), d_in = g2.shape, x2.shape[1]
@@ -83,11 +83,9 @@ def _linear_backward(g2, x2, W, need_dx: bool, need_dW: bool, need_db: bool, lor
     sgB = xp.empty((n, r), dtype=g2.dtype)
     mask = xp.empty((n, 0), dtype=g2.dtype) if m is None else m
     dW = xp.empty((d_out, d_in if need_dW else 0), dtype=g2.dtype)
-    db = xp.empty((d_out, 1 if need_db else 0), dtype=g2.dtype)
     dB = xp.empty((d_out, r), dtype=g2.dtype)
-    ones = xp.ones((n, 1), dtype=g2.dtype)
 
-    def band(g_rows, dx, sgB, mask, gT_rows, dW, db, dB):
+    def band(g_rows, dx, sgB, mask, gT_rows, dW, dB):
         if r:
             xp.matmul(g_rows, B, out=sgB)
             sgB *= s                                             # s (g B)
@@ -100,15 +98,13 @@ def _linear_backward(g2, x2, W, need_dx: bool, need_dW: bool, need_db: bool, lor
                 dx += lora_dx                                    # + s (g B) A ⊙ m
         if need_dW:
             xp.matmul(gT_rows, x2, out=dW)
-        if need_db:
-            xp.matmul(gT_rows, ones, out=db)
         if r:
             xp.matmul(gT_rows, u, out=dB)
             dB *= s
-    work = n * d_out * (d_in * (need_dx + need_dW) + need_db + 2 * r) + n * r * d_in * need_dx
-    parallel.over_rows(band, g2, dx, sgB, mask, g2.T, dW, db, dB,
+    work = n * d_out * (d_in * (need_dx + need_dW) + 2 * r) + n * r * d_in * need_dx
+    parallel.over_rows(band, g2, dx, sgB, mask, g2.T, dW, dB,
                        bands=parallel.bands_for(work, parallel.MIN_MULTIPLY_ADDS))
-    return (dx if need_dx else None, dW if need_dW else None, db[:, 0] if need_db else None,
+    return (dx if need_dx else None, dW if need_dW else None, _sum_rows(g2) if need_db else None,
             sgB, dB)
 
 
@@ -249,7 +245,6 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
                              "(one entry per feature of the last axis)")
     xp = backend.xp
     w = weight.data if weight is not None else xp.ones(d, dtype=x.dtype)
-    w_over_d = w / d  # row means of ĝ = g·w as one product: mean(ĝ) = g @ (w / D)
     xhat, y = xp.empty_like(x.data), xp.empty_like(x.data)
     rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
 
@@ -266,23 +261,25 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
     def backward(g):
         # dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)), ĝ = g · weight;  dweight = Σ_rows g ⊙ x̂;
-        # dbias = Σ_rows g. The product g ⊙ x̂ serves twice: mean(ĝ ⊙ x̂) = (g ⊙ x̂) @ (w / D).
-        g_xhat, dx = xp.empty_like(g), xp.empty_like(g)
+        # dbias = Σ_rows g (the two sums run over every row: they are taken after the bands).
+        dx = xp.empty_like(g)
 
-        def band(g, xhat, rstd, g_xhat, dx):
-            xp.multiply(g, xhat, out=g_xhat)
-            xp.multiply(g, w, out=dx)                                   # ĝ
-            dx -= (g @ w_over_d)[..., None]                             # - mean(ĝ)
-            dx -= xhat * (g_xhat @ w_over_d)[..., None]                 # - x̂ · mean(ĝ ⊙ x̂)
+        def band(g, xhat, rstd, dx):
+            gh = g * w                                                          # ĝ
+            xp.multiply(xhat, xp.einsum("...i,...i->...", gh, xhat)[..., None] / d, out=dx)
+            xp.subtract(gh, dx, out=dx)
+            dx -= _mean_last(gh)
             dx *= rstd
-        parallel.over_rows(band, g, xhat, rstd, g_xhat, dx)
+        if x.requires_grad:
+            parallel.over_rows(band, g, xhat, rstd, dx)
         grads = [dx if x.requires_grad else None]
+        rows_g, rows_xhat = g.reshape(-1, d), xhat.reshape(-1, d)
         if weight is not None:
-            grads.append(_sum_rows(g_xhat.reshape(-1, d)) if weight.requires_grad else None)
+            grads.append(xp.einsum("ni,ni->i", rows_g, rows_xhat) if weight.requires_grad else None)
         if bias is not None:
-            grads.append(_sum_rows(g.reshape(-1, d)) if bias.requires_grad else None)
+            grads.append(_sum_rows(rows_g) if bias.requires_grad else None)
         return grads
-    return Tensor.from_op(y, parents, backward, "layer_norm", saved=(xhat, rstd, w, w_over_d))
+    return Tensor.from_op(y, parents, backward, "layer_norm", saved=(xhat, rstd, w))
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -393,7 +390,7 @@ def _softmax_scores(q, k, causal: bool, p) -> None:
         p += causal_bias(q.shape[-2], k.shape[-2], p.dtype)
     p -= p.max(axis=-1, keepdims=True)
     xp.exp(p, out=p)
-    p *= 1.0 / (p @ xp.ones(p.shape[-1], dtype=p.dtype))[..., None]  # Tq divisions, Tq·Tk products
+    p *= 1.0 / p.sum(axis=-1, keepdims=True)  # Tq divisions, then Tq·Tk products
 
 
 def _over_batch(kernel, *arrays) -> None:

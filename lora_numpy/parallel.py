@@ -85,8 +85,12 @@ def _openblas_thread_functions():
 
 
 _blas = _openblas_thread_functions()
+_blas_own_threads = _blas[0]() if _blas else None  # what BLAS had before the pool took over
 _blas_threads_now = None
 _last_split = -float("inf")  # time.perf_counter() of the last op run in bands
+threads = 1  # bands per over_rows call; 1 turns the pool off (set below)
+_pool: ThreadPoolExecutor | None = None
+_in_band = threading.local()  # .active: this thread is running a band (bands do not split again)
 
 
 def _set_blas_threads(n) -> None:
@@ -94,10 +98,6 @@ def _set_blas_threads(n) -> None:
     if _blas is not None and n != _blas_threads_now:
         _blas[1](n)
         _blas_threads_now = n
-_blas_own_threads = _blas[0]() if _blas else None  # what BLAS had before the pool took over
-threads = 1  # bands per over_rows call; 1 turns the pool off (set below)
-_pool: ThreadPoolExecutor | None = None
-_in_band = threading.local()  # .active: this thread is running a band (bands do not split again)
 
 
 def _forget_pool_after_fork() -> None:
@@ -145,11 +145,13 @@ def over_rows(kernel, *arrays, bands: int | None = None) -> None:
     bands (0-d, or a broadcast axis of 1) makes it one band.
     """
     global _pool, _last_split
+    if threads == 1:  # the pool is off: the plain kernel, nothing else
+        kernel(*arrays)
+        return
     bands = bands_for(max(a.size for a in arrays)) if bands is None else bands
     if (bands < 2 or backend.name != "numpy" or getattr(_in_band, "active", False)
             or any(a.ndim == 0 or a.shape[0] < bands for a in arrays)):
-        if time.perf_counter() - _last_split > HAND_BACK_SECONDS:
-            _set_blas_threads(_blas_own_threads)
+        _hand_back_if_idle()
         kernel(*arrays)
         return
     _last_split = time.perf_counter()
@@ -167,6 +169,11 @@ def over_rows(kernel, *arrays, bands: int | None = None) -> None:
             future.result()  # re-raises a band's exception here
 
 
+def _hand_back_if_idle() -> None:
+    if _blas_threads_now != _blas_own_threads and time.perf_counter() - _last_split > HAND_BACK_SECONDS:
+        _set_blas_threads(_blas_own_threads)
+
+
 def _run_band(kernel, arrays) -> None:
     """Run one band; an op called inside it runs whole (waiting for bands of its own, a pool
     thread could wait forever for threads that are all busy waiting too)."""
@@ -181,11 +188,18 @@ def matmul(a, b, bias=None):
     """``a @ b (+ bias)`` with the rows of ``a`` in bands; a (n, k), b (k, m), bias (m,) -> (n, m).
 
     Row i of the product is row i of ``a`` times ``b``, so each band is one BLAS call."""
+    bands = bands_for(a.shape[0] * a.shape[1] * b.shape[1], MIN_MULTIPLY_ADDS)
+    if bands < 2:  # the common small case, without the bands' bookkeeping
+        _hand_back_if_idle()
+        out = a @ b
+        if bias is not None:
+            out += bias
+        return out
     out = backend.xp.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a.dtype, b.dtype))
 
     def band(a, out):
         backend.xp.matmul(a, b, out=out)
         if bias is not None:
             out += bias
-    over_rows(band, a, out, bands=bands_for(a.shape[0] * a.shape[1] * b.shape[1], MIN_MULTIPLY_ADDS))
+    over_rows(band, a, out, bands=bands)
     return out
