@@ -33,7 +33,8 @@ def causal_bias(t_q: int, t_k: int, dtype):
 
 def attention_weights(q: Tensor, k: Tensor, causal: bool = True):
     """The softmax attention matrix as a plain array (..., Tq, Tk), for plots and tests."""
-    p = backend.xp.empty(q.shape[:-1] + k.shape[-2:-1], dtype=q.dtype)
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    p = backend.xp.empty(lead + (q.shape[-2], k.shape[-2]), dtype=q.dtype)
     _softmax_scores(q.data, k.data, causal, p)
     return p
 

@@ -156,3 +156,15 @@ def test_one_seed_gives_bit_identical_runs():
     for a, b in zip(first, again):
         assert a.tobytes() == b.tobytes()
     assert first[0].tobytes() != other[0].tobytes()
+
+
+def test_attention_broadcasts_batch_axes_like_matmul():
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    k = rng.standard_normal((1, 3, 5, 4)).astype(np.float32)  # one k for both batch rows
+    p = F.attention_weights(Tensor(q), Tensor(k))
+    np.testing.assert_allclose(p[1], F.attention_weights(Tensor(q[1:]), Tensor(k))[0], rtol=1e-6)
+    assert p.shape == (2, 3, 5, 5)
+    out = F.scaled_dot_product_attention(Tensor(q, requires_grad=True), Tensor(k, requires_grad=True),
+                                         Tensor(k, requires_grad=True))
+    assert out.shape == (2, 3, 5, 4)
