@@ -20,10 +20,11 @@ for ``HAND_BACK_SECONDS`` BLAS gets its threads back: a tiny model (every op sma
 as if this module did not exist. Switching on every op instead is a disaster (a LoRA step 1.6x
 slower: the spinning threads of one small product slow every band after it).
 
-The thread count is ``LORA_NUMPY_THREADS``, else ``OMP_NUM_THREADS`` (the budget BLAS gets),
-else the number of CPUs; ``set_threads`` changes it and ``set_threads(1)`` turns bands off.
-Where NumPy's BLAS cannot be told its thread count (not OpenBLAS) bands stay off too. CuPy's
-kernels already use the whole GPU: there a kernel runs once on the whole arrays.
+The thread count is ``LORA_NUMPY_THREADS``, else ``OMP_NUM_THREADS`` (the budget BLAS gets; its
+first level if it lists several), else the number of CPUs; ``set_threads`` changes it and
+``set_threads(1)`` turns bands off. Where NumPy's BLAS cannot be told its thread count (not
+OpenBLAS) bands stay off too. CuPy's kernels already use the whole GPU: there a kernel runs
+once on the whole arrays.
 """
 from __future__ import annotations
 
@@ -48,13 +49,16 @@ HAND_BACK_SECONDS = 0.1  # no op split for this long: BLAS gets its own threads 
 
 
 def _threads_from_environment() -> int:
-    for var in ("LORA_NUMPY_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "").strip()
-        if value:
-            if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"{var}={value!r} must be a whole number of threads >= 1 "
-                                 f"(unset it to use every CPU)")
-            return int(value)
+    value = os.environ.get("LORA_NUMPY_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"LORA_NUMPY_THREADS={value!r} must be a whole number of threads >= 1 "
+                             "(unset it to use every CPU)")
+        return int(value)
+    # OpenMP's own variable may list nested levels ("4,2"): its first level is BLAS's budget.
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp)
     return os.cpu_count() or 1
 
 

@@ -5,6 +5,7 @@ on the same random inputs, float64 and float32: once as one band (the plain kern
 arrays, BLAS on its own threads) and once cut into three bands on three threads, with the
 thresholds lowered so that even these small arrays are cut. Outputs and gradients must agree.
 """
+import os
 import threading
 
 import numpy as np
@@ -128,6 +129,10 @@ def test_the_environment_sets_the_thread_count(monkeypatch):
     assert parallel._threads_from_environment() == 3
     monkeypatch.delenv("LORA_NUMPY_THREADS")
     assert parallel._threads_from_environment() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")  # OpenMP's nested form: the first level counts
+    assert parallel._threads_from_environment() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")  # not ours to refuse: every CPU
+    assert parallel._threads_from_environment() == (os.cpu_count() or 1)
 
 
 @pytest.mark.parametrize("n", [0, 1.5, "2"])
