@@ -33,7 +33,13 @@ BLAS thread each) as the machine's peak, counts the multiply-adds of every matri
 product in a full step (each Linear's forward, input and weight gradients; attention's q kᵀ,
 P v and their four backward products), and prints FLOPs of the step / step time / peak: the
 fraction of the peak the whole step reaches, everything else (elementwise ops, Python, the
-optimizer) included. This script prints figures; it never passes or fails.
+optimizer) included. With PyTorch, its own peak is timed the same way (torch.mm, same threads),
+and each step is split in two: its products as if they ran at that library's peak (FLOPs / peak)
+and the rest (step time minus that), which holds the elementwise ops, the framework's overhead
+and the products' shortfall from the peak. "0.85x torch's step leaves the rest" is the time lora_numpy's
+rest may take for a step of 0.85x PyTorch's (the goal at small and medium, README's Speed): 0.85 x
+torch's step minus lora_numpy's products at its peak.
+This script prints figures; it never passes or fails.
 """
 from __future__ import annotations
 
@@ -260,6 +266,19 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return best
 
 
+def torch_matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """The same peak for PyTorch: FLOP/s of an n x n by n x n float32 torch.mm, its own threads."""
+    a, b = (torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+            for _ in range(2))
+    torch.mm(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
 def step_matmul_flops(cfg, batch: int) -> int:
     """FLOPs (2 per multiply-add) of every matrix product in one full fine-tuning step."""
     n, d, t, v = batch * cfg.block_size, cfg.n_embd, cfg.block_size, cfg.vocab_size
@@ -317,6 +336,13 @@ def bench_size(size, warmup, steps):
         row["lora ratio"] = ratio("LoRA np", "LoRA peft")
     row["matmul_flops"] = step_matmul_flops(cfg, batch)
     row["fraction_of_peak"] = row["matmul_flops"] / (row["lora_numpy"]["step"] / 1000) / PEAK
+    # The step split in two: products at the library's peak, and the rest (see the docstring).
+    row["products_at_peak_ms"] = 1000 * row["matmul_flops"] / PEAK
+    row["rest_ms"] = row["lora_numpy"]["step"] - row["products_at_peak_ms"]
+    if "torch" in row:
+        row["torch_products_at_peak_ms"] = 1000 * row["matmul_flops"] / TORCH_PEAK
+        row["torch_rest_ms"] = row["torch"]["step"] - row["torch_products_at_peak_ms"]
+        row["rest_for_0.85x_ms"] = 0.85 * row["torch"]["step"] - row["products_at_peak_ms"]
     return row
 
 
@@ -343,6 +369,10 @@ def main():
     global PEAK
     PEAK = matmul_peak_flops()
     print(f"matrix-product peak (NumPy, 2048^3 float32, best of BLAS's threads and the bands, median of 5): {PEAK / 1e9:.1f} GFLOP/s")
+    global TORCH_PEAK
+    if torch is not None:
+        TORCH_PEAK = torch_matmul_peak_flops()
+        print(f"matrix-product peak (torch.mm, 2048^3 float32, median of 5): {TORCH_PEAK / 1e9:.1f} GFLOP/s")
     print(f"AdamW lr={HP['lr']} betas={HP['betas']} eps={HP['eps']} wd={HP['weight_decay']} "
           f"(matrices), clip {HP['grad_clip']}; median ms over timed steps\n")
     print(f"{'size':<8}{'impl':<12}{'ms/step':>9}{'fwd':>9}{'bwd':>9}{'opt':>9}  "
@@ -366,13 +396,19 @@ def main():
         print_row(size, "lora/full", row["lora/full"], ratio=True)
         print(f"{size:<8}full step: {row['matmul_flops'] / 1e9:.2f} GFLOP of matrix products, "
               f"{row['fraction_of_peak']:.0%} of the peak", flush=True)
+        if "torch" in row:
+            print(f"{size:<8}full step, ms = products at the peak + the rest: lora_numpy "
+                  f"{row['products_at_peak_ms']:.1f} + {row['rest_ms']:.1f}, torch "
+                  f"{row['torch_products_at_peak_ms']:.1f} + {row['torch_rest_ms']:.1f}; "
+                  f"0.85x torch's step leaves the rest {row['rest_for_0.85x_ms']:.1f}", flush=True)
         rows.append(row)
     if args.json:
         meta = {"numpy": np.__version__, "backend": backend.name, "threads": THREADS,
                 "threads_from": THREADS_FROM, "blas": BLAS, "python": platform.python_version(),
                 "torch": torch.__version__ if torch is not None else None, "hyperparameters": HP,
                 "peft": peft.__version__ if peft is not None else None, "lora": LORA,
-                "matmul_peak_flops": PEAK}
+                "matmul_peak_flops": PEAK,
+                "torch_matmul_peak_flops": TORCH_PEAK if torch is not None else None}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "sizes": rows}, f, indent=2,
                       default=lambda o: o.item() if hasattr(o, "item") else str(o))
