@@ -36,9 +36,9 @@ fraction of the peak the whole step reaches, everything else (elementwise ops, P
 optimizer) included. With PyTorch, its own peak is timed the same way (torch.mm, same threads),
 and each step is split in two: its products as if they ran at that library's peak (FLOPs / peak)
 and the rest (step time minus that), which holds the elementwise ops, the framework's overhead
-and the products' shortfall from the peak. "0.85x torch's step leaves the rest" is the time lora_numpy's
-rest may take for a step of 0.85x PyTorch's (the goal at small and medium, README's Speed): 0.85 x
-torch's step minus lora_numpy's products at its peak.
+and the products' shortfall from the peak. "0.85x torch's step leaves the rest" is the time
+lora_numpy's rest may take for a step of 0.85x PyTorch's (the goal at small and medium, in the
+README's Speed section): 0.85 x torch's step minus lora_numpy's products at its peak.
 This script prints figures; it never passes or fails.
 """
 from __future__ import annotations
@@ -366,12 +366,11 @@ def main():
         print("torch: " + ("skipped (--no-torch)" if args.no_torch else "not installed"))
     print("peft " + (peft.__version__ if peft is not None else "not installed: no PEFT LoRA rows"))
     print(f"LoRA: {LORA}")
-    global PEAK
+    global PEAK, TORCH_PEAK
     PEAK = matmul_peak_flops()
     print(f"matrix-product peak (NumPy, 2048^3 float32, best of BLAS's threads and the bands, median of 5): {PEAK / 1e9:.1f} GFLOP/s")
-    global TORCH_PEAK
-    if torch is not None:
-        TORCH_PEAK = torch_matmul_peak_flops()
+    TORCH_PEAK = torch_matmul_peak_flops() if torch is not None else None
+    if TORCH_PEAK is not None:
         print(f"matrix-product peak (torch.mm, 2048^3 float32, median of 5): {TORCH_PEAK / 1e9:.1f} GFLOP/s")
     print(f"AdamW lr={HP['lr']} betas={HP['betas']} eps={HP['eps']} wd={HP['weight_decay']} "
           f"(matrices), clip {HP['grad_clip']}; median ms over timed steps\n")
@@ -408,7 +407,7 @@ def main():
                 "torch": torch.__version__ if torch is not None else None, "hyperparameters": HP,
                 "peft": peft.__version__ if peft is not None else None, "lora": LORA,
                 "matmul_peak_flops": PEAK,
-                "torch_matmul_peak_flops": TORCH_PEAK if torch is not None else None}
+                "torch_matmul_peak_flops": TORCH_PEAK}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "sizes": rows}, f, indent=2,
                       default=lambda o: o.item() if hasattr(o, "item") else str(o))
