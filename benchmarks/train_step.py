@@ -37,8 +37,8 @@ optimizer) included. With PyTorch, its own peak is timed the same way (torch.mm,
 and each step is split in two: its products as if they ran at that library's peak (FLOPs / peak)
 and the rest (step time minus that), which holds the elementwise ops, the framework's overhead
 and the products' shortfall from the peak. "0.85x torch's step leaves the rest" is the time
-lora_numpy's rest may take for a step of 0.85x PyTorch's (the goal at small and medium, in the
-README's Speed section): 0.85 x torch's step minus lora_numpy's products at its peak.
+lora_numpy's rest may take for a step of 0.85x PyTorch's (GOAL, the goal at small and medium in
+the README's Speed section): GOAL x torch's step minus lora_numpy's products at its peak.
 This script prints figures; it never passes or fails.
 """
 from __future__ import annotations
@@ -58,6 +58,7 @@ SIZES = {"tiny": (2, 2, 64, 32, 16, 96), "small": (4, 4, 128, 64, 32, 96),
 DEFAULT_STEPS = {"tiny": (10, 100), "small": (5, 40), "medium": (3, 15)}
 HP = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, grad_clip=1.0)  # train.py's
 LORA = dict(r=8, lora_alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))
+GOAL = 0.85  # the full step's goal at small and medium, as a fraction of torch's (README, Speed)
 ROUNDS = 5  # timed steps are taken in this many turns per implementation
 PHASES = ("forward", "backward", "optimizer")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -255,28 +256,28 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     best = 0.0
     for threads in sorted({1, bands}):  # 1: the pool off, BLAS on its own threads
         parallel.set_threads(threads)
-        parallel.matmul(a, b)  # warm-up: threads, first touch
-        times = []
-        for _ in range(repeats):
-            t0 = now()
-            parallel.matmul(a, b)
-            times.append(now() - t0)
-        best = max(best, 2 * n ** 3 / statistics.median(times))
+        best = max(best, 2 * n ** 3 / median_seconds(lambda: parallel.matmul(a, b), repeats))
     parallel.set_threads(bands)
     return best
+
+
+def median_seconds(product, repeats: int) -> float:
+    """Median wall time of ``product()`` over ``repeats`` calls, after one untimed warm-up call
+    (threads start, memory is first touched)."""
+    product()
+    times = []
+    for _ in range(repeats):
+        t0 = now()
+        product()
+        times.append(now() - t0)
+    return statistics.median(times)
 
 
 def torch_matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     """The same peak for PyTorch: FLOP/s of an n x n by n x n float32 torch.mm, its own threads."""
     a, b = (torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
             for _ in range(2))
-    torch.mm(a, b)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / median_seconds(lambda: torch.mm(a, b), repeats)
 
 
 def step_matmul_flops(cfg, batch: int) -> int:
@@ -342,7 +343,7 @@ def bench_size(size, warmup, steps):
     if "torch" in row:
         row["torch_products_at_peak_ms"] = 1000 * row["matmul_flops"] / TORCH_PEAK
         row["torch_rest_ms"] = row["torch"]["step"] - row["torch_products_at_peak_ms"]
-        row["rest_for_0.85x_ms"] = 0.85 * row["torch"]["step"] - row["products_at_peak_ms"]
+        row["rest_for_goal_ms"] = GOAL * row["torch"]["step"] - row["products_at_peak_ms"]
     return row
 
 
@@ -399,7 +400,7 @@ def main():
             print(f"{size:<8}full step, ms = products at the peak + the rest: lora_numpy "
                   f"{row['products_at_peak_ms']:.1f} + {row['rest_ms']:.1f}, torch "
                   f"{row['torch_products_at_peak_ms']:.1f} + {row['torch_rest_ms']:.1f}; "
-                  f"0.85x torch's step leaves the rest {row['rest_for_0.85x_ms']:.1f}", flush=True)
+                  f"{GOAL}x torch's step leaves the rest {row['rest_for_goal_ms']:.1f}", flush=True)
         rows.append(row)
     if args.json:
         meta = {"numpy": np.__version__, "backend": backend.name, "threads": THREADS,
