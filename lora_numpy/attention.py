@@ -53,9 +53,10 @@ def _softmax_scores(q, k, causal: bool, p) -> None:
 
 def _over_batch(kernel, *arrays) -> None:
     """Attention's bands: over the first (batch) axis when there is one, so that a band never
-    cuts through one sequence's keys; 2-D (Tq, d) inputs run as one band."""
+    cuts through one sequence's keys; 2-D (Tq, d) inputs run as one band. Each sequence's
+    products are BLAS calls of their own, so a band may start at any sequence (align=1)."""
     if arrays[0].ndim > 2:
-        parallel.over_rows(kernel, *arrays)
+        parallel.over_rows(kernel, *arrays, align=1)
     else:
         kernel(*arrays)
 

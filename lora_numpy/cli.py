@@ -1,10 +1,11 @@
 """Floor 9: the command line, ``python -m lora_numpy COMMAND``.
 
     pretrain   train a base GPT on a task and save it (--task mlm: an encoder, BERT's masked LM)
-    compare    full fine-tuning vs LoRA vs PiSSA, side by side (the main job), each method's
-               learning rate chosen on validation data, outcomes over several seeds;
+    compare    full fine-tuning vs LoRA vs PiSSA, side by side (the main job): one base per seed,
+               each method's learning rate chosen on validation data over the bases, outcomes
+               over (base, seed) pairs, verdicts pair by pair;
                --target ner | translate | docs for the text tasks;
-               --study lowdata | rank | memory | budget for the longer studies
+               --study lowdata | rank | forgetting | variance | memory | budget for the longer studies
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from dataclasses import replace
 
 from .cli_checks import (check_compare_args, check_compare_folders, check_pretrain_args, check_targets,
                          os_error_line, output_lock)
-from .experiments import (METHODS, CompareConfig, compare, config_for, format_memory, format_table, lowdata,
-                          memory_study, rank_study)
+from .experiments import (METHODS, CompareConfig, compare, config_for, forgetting_study, format_memory,
+                          format_retention, format_table, format_variance, lowdata, memory_study, rank_study,
+                          variance_study)
 from .experiments.studies import budget_study, format_budget
 from .recipes import ARITHMETIC_OPS, LM_TASKS, TARGETS, ModelSize, pretrain
 
@@ -68,7 +70,7 @@ def _compare_config(args) -> CompareConfig:
         train=replace(d.train, steps=steps, batch_size=given(args.batch_size, d.train.batch_size),
                       eval_every=given(args.eval_every, d.train.eval_every),
                       warmup_steps=round(d.train.warmup_steps * steps / d.train.steps)),
-        seeds=tuple(args.seeds), lr=lr, grid_steps=given(args.grid_steps, d.grid_steps), max_train=args.max_train,
+        seeds=tuple(args.seeds), lr=lr, max_train=args.max_train,
         base_steps=given(args.base_steps, d.base_steps), size=ModelSize(args.n_layer, args.n_head, args.n_embd),
         out=args.out, cache=args.cache)
 
@@ -98,13 +100,22 @@ def _cmd_compare(args) -> int:
         print("\n" + format_budget(study))
         print(f"\nwrote {cfg.out}/budget/results.json")
         return 0
-    results = (lowdata if args.study == "lowdata" else compare)(cfg, progress=not args.quiet)
+    if args.study == "variance":
+        print("\n" + format_variance(variance_study(cfg, progress=not args.quiet)))
+        return 0
+    run = {"lowdata": lowdata, "forgetting": forgetting_study}.get(args.study, compare)
+    results = run(cfg, progress=not args.quiet)
     c = results.config
     print(f"\nfine-tuning '{c.source}' -> '{c.target}'"
           + (f" ({c.max_train} training examples)" if c.max_train else "")
           + f", {c.train.steps} steps per run, LoRA/PiSSA r={c.lora.r} alpha={c.lora.lora_alpha:g} "
-          f"on {c.lora.target_modules}")
+          f"on {c.lora.target_modules}; bases: " + "; ".join(
+              f"seed {seed} " + ", ".join(f"{k.removeprefix('accuracy_')} {v:.3f}" for k, v in b.items()
+                                          if k.startswith(("accuracy_", "val_loss")))
+              for seed, b in results.bases.items()))
     print(format_table(results))
+    if args.study == "forgetting":
+        print("\n" + format_retention(results))
     print(f"\nfinished in {results.seconds:.0f}s; wrote {c.out}/results.json, history.csv and "
           + ", ".join(p.rsplit("/", 1)[-1] for p in results.plots))
     return 0
@@ -135,10 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain (or reuse) a base model on --source skills, choose each method's "
                                    "learning rate on a validation split, fine-tune copies of the base on "
                                    "--target over several seeds, and report what each costs and achieves.")
-    p.add_argument("--study", default="main", choices=["main", "lowdata", "rank", "memory", "budget"],
+    p.add_argument("--study", default="main",
+                   choices=["main", "lowdata", "rank", "forgetting", "variance", "memory", "budget"],
                    help="main: the comparison; lowdata: the same with few target examples; rank: LoRA and "
-                        "PiSSA across ranks; memory: measured and projected step memory; budget: LoRA on "
-                        "q,v vs every Linear vs the MLP at one parameter budget (default %(default)s)")
+                        "PiSSA across ranks; forgetting: the comparison on a target that shares no circuit with "
+                        "the sources (mul), with each skill's retention; variance: how much an outcome moves "
+                        "with the base, the seed and the thread count; memory: measured and projected step "
+                        "memory; budget: LoRA on q,v vs every Linear vs the MLP at one parameter budget "
+                        "(default %(default)s)")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
                    help=f"default: {' '.join(d.methods)} (text targets: full lora pissa)")
     p.add_argument("--source", default=None, type=_language_task, help="pretraining skills, comma-joined, from "
@@ -155,12 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     per_target = "; text targets: see side_by_side.TEXT_DEFAULTS"
     p.add_argument("--steps", type=int, default=None,
                    help=f"fine-tuning steps per run (default {d.train.steps}{per_target})")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="fine-tuning seeds (default %(default)s)")
-    p.add_argument("--grid-steps", type=int, default=None,
-                   help=f"steps of each short run that scores a learning rate (default {d.grid_steps}{per_target})")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds),
+                   help="seed k pretrains base k and fine-tunes it (default %(default)s)")
     for name, method in METHODS.items():
         p.add_argument(f"--lr-{name}", type=float, default=None,
-                       help=f"fix {name}'s learning rate instead of choosing from {list(method.lr_grid)}")
+                       help=f"fix {name}'s learning rate instead of choosing from {list(method.lr_grid)} "
+                            "(text targets: side_by_side.TEXT_LR_GRID)")
     p.add_argument("--max-train", type=int, default=d.max_train, help="target training examples (default: all)")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.train.batch_size}{per_target}")
     p.add_argument("--base-steps", type=int, default=None,

@@ -159,7 +159,7 @@ def check_targets(lora, target_name: str, n_layer: int) -> None:
 def check_compare_args(args) -> None:
     """The values of ``compare``'s flags, checked before a base is pretrained. Then, in this
     order: the config is built (its own checks), :func:`check_targets`, :func:`check_compare_folders`."""
-    check_counts(args, ("steps", "batch_size", "grid_steps", "base_steps", "max_train"))
+    check_counts(args, ("steps", "batch_size", "base_steps", "max_train"))
     check_counts(args, ("eval_every",), minimum=0)
     check_seeds("seeds", args.seeds)
     methods = args.methods or ()  # None: the target's default methods

@@ -69,24 +69,24 @@ def _linear_backward(g2, x2, W, need_dx: bool, need_dW: bool, need_db: bool, lor
     None or (A (r, d_in), B (d_out, r), s, u = (x ⊙ m) Aᵀ (N, r), m (N, d_in) or None).
     Returns dx (N, d_in), dW, db (d_out,), s (g B) (N, r) and dB = s gᵀ u (d_out, r), None where
     not needed. Each band takes a slice of the tokens (dx = g W + s (g B) A ⊙ m) and a slice of
-    the output features (dW = gᵀ x, dB). db = Σ_rows g and dA = s (g B)ᵀ (x ⊙ m) sum over every
-    token: db is taken after the bands, dA by the caller.
+    the output features (dW = gᵀ x). The r-wide products s (g B) and s gᵀ u run whole, before and
+    after the bands: cut into bands, a product only r columns wide can take another of BLAS's
+    kernels in a band than in the whole (OpenBLAS's small-matrix kernels), and other last bits.
+    db = Σ_rows g and dA = s (g B)ᵀ (x ⊙ m) sum over every token: db is taken after the bands,
+    dA by the caller.
     """
     xp = backend.xp
     (n, d_out), d_in = g2.shape, x2.shape[1]
     A, B, s, u, m = lora if lora is not None else (None, None, 0.0, None, None)
     r = 0 if lora is None else A.shape[0]
+    sgB = None if lora is None else (g2 @ B) * s                 # s (g B)
     # A result that is not needed gets a 0-wide stand-in: it is cut like the others, costs nothing.
     dx = xp.empty((n, d_in if need_dx else 0), dtype=g2.dtype)
-    sgB = xp.empty((n, r), dtype=g2.dtype)
+    sgB_or_none = xp.empty((n, 0), dtype=g2.dtype) if sgB is None else sgB
     mask = xp.empty((n, 0), dtype=g2.dtype) if m is None else m
     dW = xp.empty((d_out, d_in if need_dW else 0), dtype=g2.dtype)
-    dB = xp.empty((d_out, r), dtype=g2.dtype)
 
-    def band(g_rows, dx, sgB, mask, gT_rows, dW, dB):
-        if r:
-            xp.matmul(g_rows, B, out=sgB)
-            sgB *= s                                             # s (g B)
+    def band(g_rows, sgB, dx, mask, gT_rows, dW):
         if need_dx:
             xp.matmul(g_rows, W, out=dx)                         # g W
             if r:
@@ -96,12 +96,10 @@ def _linear_backward(g2, x2, W, need_dx: bool, need_dW: bool, need_db: bool, lor
                 dx += lora_dx                                    # + s (g B) A ⊙ m
         if need_dW:
             xp.matmul(gT_rows, x2, out=dW)
-        if r:
-            xp.matmul(gT_rows, u, out=dB)
-            dB *= s
-    work = n * d_out * (d_in * (need_dx + need_dW) + 2 * r) + n * r * d_in * need_dx
-    parallel.over_rows(band, g2, dx, sgB, mask, g2.T, dW, dB,
+    work = n * d_out * d_in * (need_dx + need_dW) + n * r * d_in * need_dx
+    parallel.over_rows(band, g2, sgB_or_none, dx, mask, g2.T, dW,
                        bands=parallel.bands_for(work, parallel.MIN_MULTIPLY_ADDS))
+    dB = None if lora is None else (g2.T @ u) * s                # s gᵀ u
     return (dx if need_dx else None, dW if need_dW else None, _sum_rows(g2) if need_db else None,
             sgB, dB)
 
@@ -129,16 +127,16 @@ def lora_linear(x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: 
     xd = x2 if m is None else x2 * m
     W = W_of()
     (n, r), d_out = (x2.shape[0], A.shape[0]), W.shape[0]
-    u, out = xp.empty((n, r), dtype=x.dtype), xp.empty((n, d_out), dtype=x.dtype)
+    u = xd @ A.T                  # u = (x ⊙ m) Aᵀ, whole: r wide (see _linear_backward)
+    out = xp.empty((n, d_out), dtype=x.dtype)
 
-    def forward(x_rows, xd_rows, u, out):  # a band of tokens through the whole layer
-        xp.matmul(xd_rows, A.T, out=u)                         # u = (x ⊙ m) Aᵀ
+    def forward(x_rows, u, out):  # a band of tokens through the whole layer
         xp.matmul(x_rows, W.T, out=out)
         if bias is not None:
             out += bias.data
         out += (u * scaling) @ B.T                             # + s · u Bᵀ
-    work = n * (d_in * (d_out + r) + r * d_out)
-    parallel.over_rows(forward, x2, xd, u, out, bands=parallel.bands_for(work, parallel.MIN_MULTIPLY_ADDS))
+    work = n * d_out * (d_in + r)
+    parallel.over_rows(forward, x2, u, out, bands=parallel.bands_for(work, parallel.MIN_MULTIPLY_ADDS))
     del W  # a 4-bit base's float W is dequantized again in backward, not kept
     weight_parent = () if frozen_fn else (weight,)
     parents = (x, *weight_parent, lora_A, lora_B) + ((bias,) if bias is not None else ())

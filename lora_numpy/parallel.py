@@ -9,22 +9,29 @@ inside each pass over an array and each BLAS call, so the bands really do run si
 The result is the kernel's own result: with one thread it is the plain kernel on the whole
 arrays, the reference that a test compares the bands against.
 
-Who holds the cores. After each product OpenBLAS's worker threads spin for about 2^28 cycles
-(~0.1 s), waiting for the next one, so a band started then finds its core busy and wins nothing
-(measured: a training step as fast with two bands as with one). So while bands run, BLAS runs
-on one thread and each band makes its own BLAS call, as PyTorch's ``set_num_threads`` owns its
-pool; a product in two bands is as fast as in OpenBLAS's two threads (2048x384 @ 384x1536:
-9.32 ms against 9.34 ms). But waking a sleeping thread of ours costs ~60 µs where OpenBLAS's
-spinning ones answer at once, so small work stays in one band, and once no op has been split
-for ``HAND_BACK_SECONDS`` BLAS gets its threads back: a tiny model (every op small) then runs
-as if this module did not exist. Switching on every op instead is a disaster (a LoRA step 1.6x
-slower: the spinning threads of one small product slow every band after it).
+Who holds the cores: the bands, always. BLAS runs one thread, fixed at import, and each band
+makes its own BLAS call (as PyTorch's ``set_num_threads`` owns its pool). A product in two
+bands is as fast as in OpenBLAS's two threads (2048x384 @ 384x1536: 9.32 ms against 9.34 ms),
+and BLAS's own threads would change the numbers: on some CPUs OpenBLAS's threads split a product
+where its one-thread kernel would not (measured with its Haswell kernels, also used on AMD Zen:
+the last bits of 44 of 60 product shapes differ between one and two BLAS threads). A number
+must never depend on what ran before or how long it took, so nothing here switches on a timer.
 
-The thread count is ``LORA_NUMPY_THREADS``, else ``OMP_NUM_THREADS`` (the budget BLAS gets; its
-first level if it lists several), else the number of CPUs; ``set_threads`` changes it and
-``set_threads(1)`` turns bands off. Where NumPy's BLAS cannot be told its thread count (not
-OpenBLAS) bands stay off too. CuPy's kernels already use the whole GPU: there a kernel runs
-once on the whole arrays.
+Same bits for any thread count. A row of ``a @ b`` computed by one BLAS thread can still depend
+on where the row sits in the call: OpenBLAS's Haswell kernels compute rows in tiles of 24, and
+a row in another position of its tile gets other last bits. So bands of a product are cut at
+multiples of ``ROW_TILE`` rows: every row keeps its place in its tile, and a product in bands
+equals the whole product bit for bit (measured with OpenBLAS's Haswell, SkylakeX and
+Sandybridge kernels; tests/test_parallel.py checks the kernel this machine runs). A product
+only r columns wide (LoRA's ``x Aᵀ``) is never cut: in a band it can fall to OpenBLAS's
+small-matrix kernels, which sum in another order. Elementwise bands can be cut anywhere. A
+model trained with one thread and with two then ends with the same weights.
+
+The thread count is ``LORA_NUMPY_THREADS``, else ``OMP_NUM_THREADS`` (its first level if it lists
+several), else the number of CPUs; ``set_threads`` changes it and ``set_threads(1)`` turns bands
+off. Where NumPy's BLAS cannot be told its thread count (not OpenBLAS) bands stay off and BLAS
+keeps its own threading. CuPy's kernels already use the whole GPU: there a kernel runs once on
+the whole arrays.
 """
 from __future__ import annotations
 
@@ -32,7 +39,6 @@ import ctypes
 import glob
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -41,11 +47,13 @@ from . import backend
 
 # A band must be worth waking a thread for (~60 µs): a fused op gets at least MIN_ELEMENTS of
 # its largest array per band (~8 passes over 512 KiB: ~0.2 ms), a product MIN_MULTIPLY_ADDS
-# (~0.3 ms of one core's sgemm). Smaller work runs as one band: splitting also takes BLAS's
-# threads away from the ops around it (see above), so a band must pay for more than its wake-up.
+# (~0.3 ms of one core's sgemm). Smaller work runs as one band.
 MIN_ELEMENTS = 1 << 17
 MIN_MULTIPLY_ADDS = 1 << 24
-HAND_BACK_SECONDS = 0.1  # no op split for this long: BLAS gets its own threads back
+# Bands of a product start at multiples of this many rows, so that every row keeps its place in
+# BLAS's tiles (24 rows in OpenBLAS's Haswell kernels; its SkylakeX and Sandybridge kernels gave
+# the same bits at any cut): the bands then give the whole product's bits.
+ROW_TILE = 24
 
 
 def _threads_from_environment() -> int:
@@ -62,8 +70,9 @@ def _threads_from_environment() -> int:
     return os.cpu_count() or 1
 
 
-def _openblas_thread_functions():
-    """(get, set) of the number of threads of NumPy's OpenBLAS, through ctypes, or None.
+def _openblas_functions():
+    """(get, set) of the number of threads of NumPy's OpenBLAS and its kernel's name, through
+    ctypes, or None.
 
     NumPy's wheels load OpenBLAS under a prefixed, suffixed name (``scipy_openblas64_``); the
     library is found among the files this process has mapped (Linux) or next to NumPy."""
@@ -83,25 +92,20 @@ def _openblas_thread_functions():
             for suffix in ("64_", ""):
                 get = getattr(library, f"{prefix}openblas_get_num_threads{suffix}", None)
                 set_ = getattr(library, f"{prefix}openblas_set_num_threads{suffix}", None)
+                core = getattr(library, f"{prefix}openblas_get_corename{suffix}", None)
                 if get is not None and set_ is not None:
-                    return get, set_
+                    if core is not None:
+                        core.restype = ctypes.c_char_p
+                    return get, set_, core
     return None
 
 
-_blas = _openblas_thread_functions()
-_blas_own_threads = _blas[0]() if _blas else None  # what BLAS had before the pool took over
-_blas_threads_now = None
-_last_split = -float("inf")  # time.perf_counter() of the last op run in bands
+_blas = _openblas_functions()
 threads = 1  # bands per over_rows call; 1 turns the pool off (set below)
 _pool: ThreadPoolExecutor | None = None
 _in_band = threading.local()  # .active: this thread is running a band (bands do not split again)
-
-
-def _set_blas_threads(n) -> None:
-    global _blas_threads_now
-    if _blas is not None and n != _blas_threads_now:
-        _blas[1](n)
-        _blas_threads_now = n
+if _blas is not None:
+    _blas[1](1)  # for good: the bands own the cores (see the module's docstring)
 
 
 def _forget_pool_after_fork() -> None:
@@ -113,23 +117,37 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
+def stop_pool() -> None:
+    """End the bands' threads (the next split starts them again), e.g. before forking."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown()
+        _pool = None
+
+
 def set_threads(n: int) -> None:
-    """Split ops into ``n`` bands on ``n`` threads; with n > 1 BLAS runs one thread per band.
-    ``set_threads(1)`` runs every op on the calling thread and gives BLAS its threads back.
-    Without control of BLAS's threads (not OpenBLAS) the pool stays off: n is taken as 1."""
-    global threads, _pool
+    """Split ops into ``n`` bands on ``n`` threads, each band with a one-thread BLAS call;
+    ``set_threads(1)`` runs every op on the calling thread. Without control of BLAS's threads
+    (not OpenBLAS) the pool stays off: n is taken as 1."""
+    global threads
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"thread count must be an int >= 1, got {n!r}")
     if _blas is None:
         n = 1
-    if _pool is not None and n != threads:
-        _pool.shutdown()
-        _pool = None
+    if n != threads:
+        stop_pool()
     threads = n
-    _set_blas_threads(_blas_own_threads)  # until an op is split
 
 
 set_threads(_threads_from_environment())
+
+
+def blas_core() -> str | None:
+    """The name of the kernel family OpenBLAS chose for this CPU ("Haswell", "SkylakeX", ...):
+    another family sums some products in another order. None when BLAS is not OpenBLAS."""
+    if _blas is None or _blas[2] is None:
+        return None
+    return _blas[2]().decode()
 
 
 def bands_for(work: int, min_per_band: int | None = None) -> int:
@@ -138,32 +156,38 @@ def bands_for(work: int, min_per_band: int | None = None) -> int:
     return max(1, min(threads, work // (min_per_band or MIN_ELEMENTS)))
 
 
-def over_rows(kernel, *arrays, bands: int | None = None) -> None:
+def _cuts(rows: int, bands: int, align: int) -> list:
+    """The ``bands + 1`` boundaries of ``rows`` rows in bands of about equal size, each boundary
+    but the last a multiple of ``align`` (a band may be empty when rows < bands · align)."""
+    return [min(rows, align * round(rows * i / (bands * align))) for i in range(bands)] + [rows]
+
+
+def over_rows(kernel, *arrays, bands: int | None = None, align: int = ROW_TILE) -> None:
     """Run ``kernel(*bands)`` on bands of rows (the first axis) of ``arrays``, in parallel.
 
     Every array is cut into the same number of bands, each along its own first axis (so one
-    call can split a (N, d) array by tokens and a (d_out, d) one by features). The kernel must
-    treat each row on its own and write its results into arrays it was given (its return value
-    is dropped). Arrays that are not cut (weights, masks) reach the kernel through its closure.
+    call can split a (N, d) array by tokens and a (d_out, d) one by features), at multiples of
+    ``align`` rows (``ROW_TILE``: a product's rows keep their place in BLAS's tiles; 1 where each
+    first-axis entry is computed on its own, as attention's sequences). The kernel must treat
+    each row on its own and write its results into arrays it was given (its return value is
+    dropped). Arrays that are not cut (weights, masks) reach the kernel through its closure.
     ``bands`` defaults to ``bands_for`` the largest array's size; an array with fewer rows than
     bands (0-d, or a broadcast axis of 1) makes it one band.
     """
-    global _pool, _last_split
+    global _pool
     if threads == 1:  # the pool is off: the plain kernel, nothing else
         kernel(*arrays)
         return
     bands = bands_for(max(a.size for a in arrays)) if bands is None else bands
     if (bands < 2 or backend.name != "numpy" or getattr(_in_band, "active", False)
             or any(a.ndim == 0 or a.shape[0] < bands for a in arrays)):
-        _hand_back_if_idle()
         kernel(*arrays)
         return
-    _last_split = time.perf_counter()
-    _set_blas_threads(1)
     if _pool is None:
         _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="lora_numpy")
-    cuts = [[a[a.shape[0] * i // bands:a.shape[0] * (i + 1) // bands] for a in arrays]
-            for i in range(bands)]
+    edges = [_cuts(a.shape[0], bands, align) for a in arrays]
+    cuts = [[a[e[i]:e[i + 1]] for a, e in zip(arrays, edges)] for i in range(bands)]
+    cuts = [band for band in cuts if any(part.shape[0] for part in band)]
     # The calling thread takes the first band itself instead of sleeping until the others end.
     others = [_pool.submit(_run_band, kernel, band) for band in cuts[1:]]
     try:
@@ -171,11 +195,6 @@ def over_rows(kernel, *arrays, bands: int | None = None) -> None:
     finally:
         for future in others:
             future.result()  # re-raises a band's exception here
-
-
-def _hand_back_if_idle() -> None:
-    if _blas_threads_now != _blas_own_threads and time.perf_counter() - _last_split > HAND_BACK_SECONDS:
-        _set_blas_threads(_blas_own_threads)
 
 
 def _run_band(kernel, arrays) -> None:
@@ -194,7 +213,6 @@ def matmul(a, b, bias=None):
     Row i of the product is row i of ``a`` times ``b``, so each band is one BLAS call."""
     bands = bands_for(a.shape[0] * a.shape[1] * b.shape[1], MIN_MULTIPLY_ADDS)
     if bands < 2:  # the common small case, without the bands' bookkeeping
-        _hand_back_if_idle()
         out = a @ b
         if bias is not None:
             out += bias

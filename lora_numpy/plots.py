@@ -32,7 +32,7 @@ def label(summary) -> str:
 
 
 def _band(ax, runs, key, color, name, transform=lambda v: v) -> None:
-    """Mean over seeds as a line, min-max over seeds as a shaded band."""
+    """Mean over runs as a line, min-max over runs as a shaded band."""
     curves = []
     for run in runs:
         points = [(h["step"], h[key]) for h in run.history if key in h]
@@ -48,7 +48,7 @@ def plot_losses(ax, results) -> None:
         runs = [r for r in results.runs if r.method == s.method]
         _band(ax, runs, "loss", COLORS.get(s.method), label(s), smooth)
     ax.set(xlabel="step", ylabel="training loss (running mean of 20)", yscale="log",
-           title=f"Fine-tuning loss, {len(results.config.seeds)} seeds (band: min-max)")
+           title=f"Fine-tuning loss, {len(results.config.seeds)} runs: base k, seed k (band: min-max)")
     ax.legend()
 
 
@@ -71,7 +71,7 @@ def plot_learning_vs_forgetting(ax, points, before_target: float, before_source:
                     fmt=marker, color=color, label=name, capsize=3, markersize=7)
     ax.axvline(before_source, color="grey", linestyle=":", linewidth=1, label="base model (source)")
     ax.set(xlabel="source accuracy retained (mean over skills, adapter on)",
-           ylabel="target accuracy gained", title="Learning vs forgetting (bars: min-max over seeds)")
+           ylabel="target accuracy gained", title="Learning vs forgetting (bars: min-max over runs)")
     ax.legend(fontsize=7, ncols=2 if len(points) > 6 else 1, loc="lower right")  # points sit up and left
 
 
@@ -93,8 +93,8 @@ def plot_comparison(results, out) -> list:
     plot_target_metric(ax_metric, results)
     paths = [save_figure(out / "loss_curves.png", fig)]
     fig = Figure(figsize=(6, 4.5), layout="constrained")
-    plot_learning_vs_forgetting(fig.subplots(), forgetting_points(results.summaries), results.target_before,
-                                float(np.mean(list(results.source_before.values()))))
+    plot_learning_vs_forgetting(fig.subplots(), forgetting_points(results.summaries), results.target_before.mean,
+                                float(np.mean([v.mean for v in results.source_before.values()])))
     paths.append(save_figure(out / "learning_vs_forgetting.png", fig))
     return paths
 

@@ -66,6 +66,7 @@ class Task:
     num_labels: int | None = None   # classes of a SEQ_CLS / TOKEN_CLS head
     class_names: tuple = ()         # the order of per-class metrics, where evaluate gives them
     reach: float = 0.9              # the headline value that counts as learned ("steps to 90%")
+    noise_floor: float = 0.01       # a paired difference in the headline below this reads as noise
 
     @property
     def block_size(self) -> int:
@@ -131,6 +132,7 @@ class TranslateTask(Task):
     name: str = "translate"
     metric: str = "chrf"    # the headline: exact match is 0 for most runs at this scale, chrF grades them
     reach: float = 90.0     # chrF is on sacrebleu's 0-100 scale
+    noise_floor: float = 1.0
 
     def batch_fn(self, batch_size: int):
         return lambda rng: self.data.get_batch("train", batch_size, rng, self.response_only)

@@ -422,7 +422,8 @@ def run_cli(*argv, setup=None):
         before = sorted(p.name for p in tmp.iterdir())
         stderr = io.StringIO()
         with contextlib.ExitStack() as stack:
-            for name in ("pretrain", "compare", "lowdata", "rank_study", "memory_study"):
+            for name in ("pretrain", "compare", "lowdata", "rank_study", "memory_study", "forgetting_study",
+                         "variance_study", "budget_study"):
                 stack.enter_context(mock.patch.object(cli, name, _reached_work))
             stack.enter_context(contextlib.redirect_stderr(stderr))
             try:
@@ -473,8 +474,6 @@ CLI = [
     case("cli/compare-steps-zero", run_cli("compare", "--steps", "0"), CliError, "--steps must be >= 1, got 0"),
     case("cli/compare-batch-size-zero", run_cli("compare", "--batch-size", "0"),
          CliError, "--batch-size must be >= 1, got 0"),
-    case("cli/compare-grid-steps-zero", run_cli("compare", "--grid-steps", "0"),
-         CliError, "--grid-steps must be >= 1, got 0"),
     case("cli/compare-base-steps-negative", run_cli("compare", "--base-steps", "-5"), CliError, "got -5"),
     case("cli/compare-eval-every-negative", run_cli("compare", "--eval-every", "-1"),
          CliError, "--eval-every must be >= 0, got -1"),

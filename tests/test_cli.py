@@ -25,7 +25,8 @@ def reached(*args, **kwargs):
 
 
 def patch_work(monkeypatch, work=reached):
-    for name in ("pretrain", "compare", "lowdata", "rank_study", "memory_study"):
+    for name in ("pretrain", "compare", "lowdata", "rank_study", "memory_study", "forgetting_study",
+                 "variance_study", "budget_study"):
         monkeypatch.setattr(cli, name, work)
 
 

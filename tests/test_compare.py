@@ -17,7 +17,7 @@ from lora_numpy.models import GPTForSequenceClassification
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ("full", "lora", "pissa")
 D, LAYERS, R, STEPS, SEEDS = 16, 1, 8, 20, (0, 1)
-FAST = ["--steps", str(STEPS), "--base-steps", "30", "--grid-steps", "5", "--n-embd", str(D),
+FAST = ["--steps", str(STEPS), "--base-steps", "30", "--n-embd", str(D),
         "--n-head", "2", "--n-layer", str(LAYERS), "--batch-size", "16", "--eval-every", "10",
         "--rank", str(R), "--seeds", *map(str, SEEDS), "--quiet"]
 
@@ -48,11 +48,13 @@ def test_compare_end_to_end(tmp_path, cache, capsys):
     summaries = results["summaries"]
     assert [s["method"] for s in summaries] == list(METHODS)
     runs = results["runs"]
-    assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for m in METHODS for s in SEEDS]
+    assert [(r["method"], r["seed"], r["base"]) for r in runs] == [(m, s, s) for m in METHODS for s in SEEDS]
+    assert sorted(results["bases"], key=int) == [str(s) for s in SEEDS]  # each run's base, by its seed
     for summary in summaries:
         lr = summary["lr"]
-        assert len(lr["grid"]) == len(lr["scores"]) >= 3 and lr["chosen"] in lr["grid"]
-        assert lr["chosen"] == lr["grid"][int(np.argmax(lr["scores"]))]
+        assert len(lr["grid"]) == len(lr["scores"]) == len(LR_GRID) and lr["chosen"] in lr["grid"]
+        assert all(len(scores) == len(SEEDS) for scores in lr["scores"])  # each rate scored on every base
+        assert lr["chosen"] == lr["grid"][int(np.argmax([np.mean(s) for s in lr["scores"]]))]
         assert f"{lr['chosen']:g}" in printed
         own = [r for r in runs if r["method"] == summary["method"]]
         assert all(r["lr"] == lr["chosen"] for r in own)
@@ -87,30 +89,36 @@ def test_compare_end_to_end(tmp_path, cache, capsys):
     table = [line.split() for line in printed.splitlines()]
     for method in METHODS:
         assert any(cells and cells[0] == method for cells in table), method
-    assert "over seeds [0, 1]" in printed and ("no difference" in printed or "higher" in printed)
+    assert "seeds [0, 1]" in printed and ("no difference" in printed or "higher" in printed)
+    assert "paired over the 2 (base, seed) pairs" in printed
 
-    # a second run finds the cached base model and gives the same LoRA result
+    # a second run finds the cached bases and gives the same LoRA results
     out2 = tmp_path / "again"
     assert main(["compare", *FAST, "--methods", "lora", "--out", str(out2), "--cache", str(cache)]) == 0
     printed2 = capsys.readouterr().out
-    assert "reusing" in printed2 and "pretraining" not in printed2
-    assert len([p for p in cache.iterdir() if p.name.startswith("base-add+sub")]) == 1
+    assert "0 of 2 bases to pretrain" in printed2
+    assert len([p for p in cache.iterdir() if p.name.startswith("base-add+sub")]) == len(SEEDS)
     timeless = lambda rs: [{k: v for k, v in r.items() if k != "ms_per_step"} for r in rs]
     assert timeless(_load_results(out2)["runs"]) == timeless(r for r in runs if r["method"] == "lora")
 
 
-def test_the_base_cache_key_changes_with_every_base_setting():
+def test_the_base_cache_key_changes_with_every_base_setting(monkeypatch):
     from dataclasses import replace
+    from lora_numpy import parallel
     from lora_numpy.experiments import CompareConfig
-    from lora_numpy.experiments.side_by_side import base_settings
+    from lora_numpy.experiments.bases import base_settings
     from lora_numpy.recipes import ModelSize
     d = CompareConfig()
     variants = [replace(d, source="add,mul"), replace(d, base_steps=d.base_steps + 1),
                 replace(d, size=ModelSize(n_layer=3)), replace(d, train=replace(d.train, batch_size=32))]
-    keys = [base_settings(c) for c in [d, *variants]]
+    keys = [base_settings(c, 0) for c in [d, *variants]] + [base_settings(d, 1)]  # the seed, too
     assert all(keys[0] != k for k in keys[1:])
+    # another machine's arithmetic (here: BLAS's kernel) is another base
+    monkeypatch.setattr(parallel, "blas_core", lambda: "another kernel")
+    assert base_settings(d, 0) != keys[0]
+    monkeypatch.undo()
     # fine-tuning settings do not change the base
-    assert base_settings(replace(d, seeds=(5,), grid_steps=3)) == keys[0]
+    assert base_settings(replace(d, seeds=(5,), lr_grid=(1e-3,), train=replace(d.train, steps=300, warmup_steps=30)), 0) == keys[0]
 
 
 def test_compare_classification_trains_the_score_head(tmp_path, cache, capsys):
@@ -120,7 +128,7 @@ def test_compare_classification_trains_the_score_head(tmp_path, cache, capsys):
     results = _load_results(out)
     summaries = {s["method"]: s for s in results["summaries"]}
     assert set(summaries) == set(METHODS)
-    (base_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-add+sub")]
+    (base_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-add+sub") and "-s0-" in p.name]
     body, _ = load_model(base_dir)
     n_classes = 3
     # the head every method starts from: a fresh GPTForSequenceClassification's, seed 0
@@ -215,6 +223,7 @@ def test_compare_runs_dora_loraplus_qlora_qpissa(tmp_path, cache, capsys, monkey
     """The newer registry entries through the command line: each finishes; QLoRA and QPiSSA hold
     a smaller frozen base than LoRA (4-bit Linear weights); LoRA+ trains with B at 16x A's lr;
     DoRA's adapter file holds its magnitude vectors."""
+    import lora_numpy.experiments.runner as runner
     import lora_numpy.experiments.side_by_side as side_by_side
     from lora_numpy.experiments.methods import LORAPLUS_LR_RATIO
     real_train, optimizers = side_by_side.train, []
@@ -227,6 +236,7 @@ def test_compare_runs_dora_loraplus_qlora_qpissa(tmp_path, cache, capsys, monkey
                                                        for p in g["params"]}) for g in optimizer.param_groups]))
         return real_train(model, batch_fn, config, optimizer=optimizer, **kwargs)
     monkeypatch.setattr(side_by_side, "train", recording_train)
+    monkeypatch.setattr(runner, "workers", lambda: 1)  # the recording must happen in this process
     tiny = list(FAST)
     tiny[tiny.index("--seeds") + 1:tiny.index("--seeds") + 1 + len(SEEDS)] = ["0"]  # one seed
     tiny[tiny.index("--steps") + 1] = "6"
@@ -247,7 +257,7 @@ def test_compare_runs_dora_loraplus_qlora_qpissa(tmp_path, cache, capsys, monkey
     assert frozen["dora"] == frozen["loraplus"] == frozen["lora"]
     assert "frozen base" in printed
 
-    assert len(optimizers) == len(LR_GRID) + 1  # LoRA+ only: one short run per grid value, then one seed
+    assert len(optimizers) == len(LR_GRID)  # LoRA+ only: one run per grid value on the one base
     for lr, groups in optimizers:
         for group_lr, kinds in groups:
             if "lora_B" in kinds:

@@ -7,11 +7,11 @@ import pytest
 from lora_numpy.checkpoint import load_model
 from lora_numpy.cli import main
 from lora_numpy.experiments import CompareConfig, config_for
-from lora_numpy.experiments.side_by_side import base_settings
+from lora_numpy.experiments.bases import base_settings
 
 METHODS = ("full", "lora", "pissa")
 SEEDS = (0, 1)
-TINY = ["--steps", "6", "--grid-steps", "3", "--base-steps", "5", "--n-layer", "1", "--n-head", "2",
+TINY = ["--steps", "6", "--base-steps", "5", "--n-layer", "1", "--n-head", "2",
         "--n-embd", "16", "--batch-size", "8", "--seeds", *map(str, SEEDS), "--quiet"]
 HEADLINE = {"ner": "entity_f1", "translate": "chrf", "docs": "macro_f1"}
 ALSO = {"ner": ("token_accuracy", "entity_precision", "entity_recall"), "translate": ("exact_match",),
@@ -49,7 +49,7 @@ def test_compare_text_target_end_to_end(target, tmp_path, cache, capsys):
     assert lora["trainable_params"] >= adapters
     saved = json.loads((out / "lora" / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
     assert saved == (None if HEAD[target] is None else [HEAD[target]])
-    assert f"target {HEADLINE[target]}" in printed and "held-out text val_loss" in printed
+    assert f"{HEADLINE[target]} at end" in printed and "held-out text val_loss" in printed
 
 
 def test_pretrain_mlm_saves_an_encoder(tmp_path, capsys):
@@ -67,6 +67,6 @@ def test_text_targets_check_their_base_and_key_every_setting():
     with pytest.raises(ValueError, match="causal"):
         CompareConfig(source="mlm", target="translate")  # generation needs a decoder
     assert CompareConfig(target="ner", source="causal").source == "causal"  # a decoder on NER is allowed
-    encoder, decoder = base_settings(config_for("ner")), base_settings(config_for("docs"))
+    encoder, decoder = base_settings(config_for("ner"), 0), base_settings(config_for("docs"), 0)
     assert encoder["causal"] is False and decoder["causal"] is True
     assert encoder["text_sha256"] == decoder["text_sha256"] and encoder["block_size"] == decoder["block_size"]

@@ -8,7 +8,7 @@ LoRA step is compared with full fine-tuning's, the measured activations and peak
 import numpy as np
 import pytest
 
-from lora_numpy.experiments.studies import measure_benchmark_size
+from lora_numpy.experiments.memory_study import measure_benchmark_size
 from lora_numpy.memory import LORA as LORA_R8
 from lora_numpy.memory import (FLOAT32, FULL, LLAMA2_7B, MIXED_BF16, Finetuning, ModelShape,
                                measure_step, step_memory_formula)
@@ -232,7 +232,7 @@ def test_gradient_checkpointing_keeps_block_inputs_and_one_block():
 
 
 def test_projection_has_qlora_rows_in_mixed_precision():
-    from lora_numpy.experiments.studies import project
+    from lora_numpy.experiments.memory_study import project
     from lora_numpy.memory import PROJECTED_SHAPES, QLORA, QLORA_BITS
     rows = project()
     qlora = [r for r in rows if r.method == "qlora"]

@@ -10,7 +10,7 @@ from lora_numpy.memory import ModelShape
 from lora_numpy.models import GPTConfig
 
 D, LAYERS = 16, 1
-TINY = ["--steps", "20", "--base-steps", "30", "--grid-steps", "5", "--n-embd", str(D), "--n-head", "2",
+TINY = ["--steps", "20", "--base-steps", "30", "--n-embd", str(D), "--n-head", "2",
         "--n-layer", str(LAYERS), "--batch-size", "16", "--eval-every", "10", "--quiet"]
 
 

@@ -1,13 +1,18 @@
 """Floor 8: the side-by-side experiment (``compare``), its fair protocol, its method registry,
-and the longer studies (rank, low data, memory across scales)."""
-from .side_by_side import (CompareConfig, CompareResults, MethodSummary, RunResult, base_model, compare,
-                           config_for, format_table, run_method)
+its bases, the runner that spreads its runs over the cores, and the longer studies (rank, low
+data, forgetting, variance, memory across scales, budget)."""
+from .bases import base_dir
 from .methods import DEFAULT_METHODS, METHODS, Method
-from .protocol import LrChoice, Spread, aggregate, choose_lr, steps_to_reach
-from .studies import (LOWDATA_EXAMPLES, RANKS, format_memory, lowdata, memory_study, project,
-                      rank_study)
+from .protocol import LrChoice, Spread, Verdict, aggregate, choose_lr, paired_verdict, steps_to_reach
+from .report import format_table
+from .side_by_side import (CompareConfig, CompareResults, MethodSummary, RunResult, compare, config_for,
+                           fine_tune, run_experiment, run_experiments)
+from .memory_study import format_memory, memory_study, project
+from .studies import (FORGETTING_TARGET, LOWDATA_EXAMPLES, RANKS, forgetting_study, format_retention,
+                      format_variance, lowdata, rank_study, variance_study)
 
-__all__ = ["CompareConfig", "CompareResults", "DEFAULT_METHODS", "LOWDATA_EXAMPLES", "LrChoice", "METHODS", "Method",
-           "MethodSummary", "RANKS", "RunResult", "Spread", "aggregate", "base_model", "choose_lr",
-           "compare", "config_for", "format_memory", "format_table", "lowdata", "memory_study", "project",
-           "rank_study", "run_method", "steps_to_reach"]
+__all__ = ["CompareConfig", "CompareResults", "DEFAULT_METHODS", "FORGETTING_TARGET", "LOWDATA_EXAMPLES", "LrChoice",
+           "METHODS", "Method", "MethodSummary", "RANKS", "RunResult", "Spread", "Verdict", "aggregate", "base_dir",
+           "choose_lr", "compare", "config_for", "fine_tune", "forgetting_study", "format_memory", "format_retention",
+           "format_table", "format_variance", "lowdata", "memory_study", "paired_verdict", "project", "rank_study",
+           "run_experiment", "run_experiments", "steps_to_reach", "variance_study"]

@@ -1,20 +1,22 @@
-"""Floor 8: the main job. Full fine-tuning, LoRA and PiSSA, side by side, made fair.
+"""Floor 8: the main job. Full fine-tuning, LoRA and PiSSA, side by side, made fair and robust.
 
-One base model is pretrained on a mixture of source skills (or reused from a cache), then copies
-of it are fine-tuned on a new target skill. Every method gets the same data, steps and schedule;
-only its learning rate is its own, chosen from a small grid by short runs scored on the
-validation split. Each outcome is repeated over several seeds and reported as mean [min-max]:
-the target metric, the steps to reach 90% on it, and how much of each source skill survives,
-with the adapter on and (LoRA, PiSSA) switched off.
+Run k pretrains a base model on a mixture of source skills with seed k (or reuses it from a
+cache) and fine-tunes copies of it on a new target skill with seed k, so every spread covers the
+base's randomness as well as the fine-tuning's. Every method gets the same data, steps and
+schedule; only its learning rate is its own: every value of its grid is run in full on every
+base and scored on the validation split, and the best mean wins (protocol.py). The outcomes are
+those of the chosen rate's runs, on the test split: the target metric at the end and the best it
+reached, the steps to reach 90% on it, and how much of each source skill survives, with the
+adapter on and (LoRA, PiSSA) switched off. Methods share bases and seeds, so they are compared
+pair by pair (report.py prints the tables and verdicts).
 
-The text targets (``ner``, ``translate``, ``docs``) go through the same protocol from a base
+The text targets (``ner``, ``translate``, ``docs``) go through the same protocol from bases
 pretrained on the standard library's documentation (an encoder by masked LM for ``ner``, a
-decoder otherwise); what the base keeps is its held-out text loss, adapter on and off.
+decoder otherwise); what a base keeps is its held-out text loss, adapter on and off.
 ``config_for(target)`` gives each target's default schedule.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,13 +30,13 @@ from ..memory import StepMemory, measure_step
 from ..nlp_tasks import ADAPTED_MODULES
 from ..optim import AdamW
 from ..peft import LoraConfig
-from ..recipes import (ARITHMETIC_OPS, PRETRAIN_LR, TEXT_TARGETS, VAL_FRACTION, ModelSize, TextTask,
-                       default_source, make_task, pretrain)
+from ..recipes import ARITHMETIC_OPS, TEXT_TARGETS, ModelSize, default_source
 from ..tasks import TASK_TYPES, Task
-from ..train import TrainConfig, default_loss, save_history_csv, train
+from ..train import TrainConfig, TrainingDiverged, default_loss, save_history_csv, train
+from .bases import base_dir, base_jobs, task
 from .methods import DEFAULT_METHODS, METHODS, Method, count_parameters
 from .protocol import LrChoice, Spread, aggregate, choose_lr, steps_to_reach
-
+from .runner import Job, run_all, workers
 
 
 def _default_lora() -> LoraConfig:
@@ -42,24 +44,26 @@ def _default_lora() -> LoraConfig:
 
 
 def _default_train() -> TrainConfig:  # lr is chosen per method; everything else is shared
-    return TrainConfig(steps=400, batch_size=64, warmup_steps=40, weight_decay=0.0, eval_every=50)
+    # 600 steps: full fine-tuning's target accuracy is on its plateau by then (measured: within
+    # 0.01 over the last 100 steps on every base), so "at end" is what the method can do.
+    return TrainConfig(steps=600, batch_size=64, warmup_steps=60, weight_decay=0.0, eval_every=50)
 
 
 @dataclass
 class CompareConfig:
-    source: str | None = None      # what the base is pretrained on (None: default_source(target),
+    source: str | None = None      # what the bases are pretrained on (None: default_source(target),
                                    # the skills "add,sub", or "mlm" / "causal" for a text target)
     target: str = "absdiff"        # the new skill every method learns ("sum": classification)
     methods: tuple = DEFAULT_METHODS  # any of METHODS
     lora: LoraConfig = field(default_factory=_default_lora)
     train: TrainConfig = field(default_factory=_default_train)
-    seeds: tuple = (0, 1, 2)       # fine-tuning seeds (batches, adapter init); the base is one
+    seeds: tuple = (0, 1, 2)       # run k: a base pretrained with seed k, fine-tuned with seed k
     lr: dict = field(default_factory=dict)  # method -> a fixed learning rate, skipping its grid
-    grid_steps: int = 150          # length of each short run of the learning-rate grid
+    lr_grid: tuple | None = None   # the rates every method tries (None: each method's own grid)
     max_train: int | None = None   # target training examples (None: all; the low-data study: few)
     base_steps: int = 3000          # the mixture needs ~2500 steps for "-" (measured: 94% at 2000)
     size: ModelSize = field(default_factory=ModelSize)
-    eval_limit: int = 300          # test problems per evaluation during training (curves only)
+    eval_limit: int | None = None  # test examples per evaluation during training (None: all)
     out: str = "runs/compare"
     cache: str = "runs/cache"
 
@@ -82,17 +86,26 @@ class CompareConfig:
         bad = [m for m, lr in self.lr.items() if m not in METHODS or not lr > 0]
         if bad:
             raise ValueError(f"bad learning rate for {bad}: give a positive lr for one of {list(METHODS)}")
-        if not self.seeds or self.grid_steps < 1:
-            raise ValueError(f"need at least one seed and grid_steps >= 1, got {self.seeds}, {self.grid_steps}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"need at least one seed, each once, got {self.seeds}")
+        if self.lr_grid is not None and not (self.lr_grid and all(lr > 0 for lr in self.lr_grid)):
+            raise ValueError(f"lr_grid must hold positive learning rates, got {self.lr_grid}")
+
+    def grid(self, method: Method) -> tuple:
+        """The learning rates ``method`` is run at: the user's fixed one, or the grid."""
+        if method.name in self.lr:
+            return (self.lr[method.name],)
+        return tuple(sorted(self.lr_grid or method.lr_grid))
 
 
-# The text targets' defaults, sized so that one default run (base pretraining included) takes at
-# most ~240 s of one CPU core: short runs, one evaluation at the end, the three core methods.
+# The text targets' defaults, sized so that one default run (bases included) takes a few minutes
+# on two cores: short runs, one evaluation at the end, the three core methods, three rates.
 TEXT_DEFAULTS = {
-    "ner": dict(steps=250, grid_steps=80, batch_size=32, base_steps=600),
-    "translate": dict(steps=150, grid_steps=50, batch_size=32, base_steps=600),
-    "docs": dict(steps=200, grid_steps=80, batch_size=32, base_steps=600),
+    "ner": dict(steps=250, batch_size=32, base_steps=600),
+    "translate": dict(steps=150, batch_size=32, base_steps=600),
+    "docs": dict(steps=200, batch_size=32, base_steps=600),
 }
+TEXT_LR_GRID = (1e-3, 3e-3, 1e-2)
 
 
 def config_for(target: str = "absdiff", **changes) -> CompareConfig:
@@ -104,46 +117,23 @@ def config_for(target: str = "absdiff", **changes) -> CompareConfig:
     d = TEXT_DEFAULTS[target]
     train = replace(_default_train(), steps=d["steps"], batch_size=d["batch_size"], warmup_steps=d["steps"] // 10,
                     eval_every=d["steps"])
-    defaults = dict(target=target, train=train, grid_steps=d["grid_steps"], base_steps=d["base_steps"],
+    defaults = dict(target=target, train=train, base_steps=d["base_steps"], lr_grid=TEXT_LR_GRID,
                     methods=("full", "lora", "pissa"), lora=replace(_default_lora(), target_modules=ADAPTED_MODULES),
                     eval_limit=30)
     return CompareConfig(**{**defaults, **changes})
 
 
-def base_settings(cfg: CompareConfig) -> dict:
-    """Everything that changes the base model: its cache key (a text base adds its context, its
-    kind and a digest of the text, which changes a little between Python versions)."""
-    source = make_task(cfg.source)
-    settings = {"source": cfg.source, "size": asdict(cfg.size), "steps": cfg.base_steps,
-                "batch_size": cfg.train.batch_size, "lr": PRETRAIN_LR, "seed": 0,
-                "vocabulary": source.data.tokenizer.chars, "val_fraction": VAL_FRACTION}
-    if isinstance(source, TextTask):
-        tokens = np.concatenate([source.data.train_tokens, source.data.val_tokens])
-        settings.update(block_size=source.block_size, causal=source.causal,
-                        mask_token=source.data.tokenizer.mask_token,
-                        text_sha256=hashlib.sha256(tokens.tobytes()).hexdigest())
-    return settings
+# --- one fine-tuning run --------------------------------------------------------------------
+
+def tasks(source: str, target: str, max_train: int | None) -> tuple:
+    """(source task, target task), built once per process."""
+    return task(source), task(target, max_train)
 
 
-def base_model(cfg: CompareConfig, progress: bool = True) -> Path:
-    """The pretrained base's folder, from the cache when an identical one was trained before; its
-    config.json holds the pretraining report (held-out accuracy per skill)."""
-    settings = base_settings(cfg)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    s = cfg.size
-    folder = Path(cfg.cache) / f"base-{cfg.source.replace(',', '+')}-L{s.n_layer}-d{s.n_embd}-{digest}"
-    if (folder / "model.npz").is_file():
-        print(f"reusing the base model in {folder}")
-        return folder
-    print(f"pretraining a base model on '{cfg.source}' ({cfg.base_steps} steps); it will be cached in {folder}")
-    pretrain(cfg.source, cfg.base_steps, folder, s, cfg.train.batch_size, seed=0, progress=progress)
-    return folder
-
-
-def prepare(method: Method, base_dir, target: Task, lora: LoraConfig, seed: int):
-    """A fresh copy of the base, made into the target's model (a new head for a classifier,
-    trained by every method: PEFT's modules_to_save of its task type), ready for ``method``."""
-    model = target.make_model(load_model(base_dir)[0], seed)
+def prepare(method: Method, base, target: Task, lora: LoraConfig, seed: int):
+    """A fresh copy of the base (its folder), made into the target's model (a new head for a
+    classifier, trained by every method: PEFT's modules_to_save of its task type), ready for ``method``."""
+    model = target.make_model(load_model(base)[0], seed)
     lora = replace(lora, modules_to_save=TASK_TYPES[target.task_type].modules_to_save)
     return method.build(model, lora, seed)
 
@@ -167,12 +157,17 @@ def source_scores(source: Task, model) -> dict:
 
 @dataclass
 class RunResult:
-    """One method, one seed."""
+    """One method at one learning rate on one (base, seed) pair."""
     method: str
-    seed: int
+    seed: int                        # the fine-tuning seed (batches, adapter init)
+    base: int                        # the base's pretraining seed (the seed itself, but in the variance study)
     lr: float
+    val_score: float                 # the target metric on the validation split at the end
+    diverged: bool                   # the loss became NaN (the run stopped there)
     target_before: float
-    target_after: float
+    target_after: float              # test split, at the end
+    target_best: float               # the best evaluation during training (test split)
+    target_rise: float               # the rise over the last fifth of the steps: near 0 on a plateau
     steps_to_90: int | None          # None: never reached within the run
     source_after: dict               # skill -> accuracy, adapter on
     source_adapter_off: dict | None  # skill -> accuracy with disable_adapter() (None: full)
@@ -181,57 +176,92 @@ class RunResult:
     metrics: dict = field(default_factory=dict)  # every metric of the final test evaluation
 
 
-def train_config(cfg: CompareConfig, lr: float, seed: int, steps: int | None = None) -> TrainConfig:
-    """The shared schedule at ``lr`` (and, for the grid's short runs, fewer ``steps``)."""
-    steps = steps or cfg.train.steps
-    return replace(cfg.train, lr=lr, seed=seed, steps=steps,
-                   warmup_steps=round(cfg.train.warmup_steps * steps / cfg.train.steps))
+def train_config(cfg: CompareConfig, lr: float, seed: int) -> TrainConfig:
+    return replace(cfg.train, lr=lr, seed=seed)
 
 
-def run_method(method: Method, lr: float, seed: int, base_dir, source: Task, target: Task,
-               cfg: CompareConfig, lora: LoraConfig | None = None, progress: bool = True) -> RunResult:
-    """Fine-tune a fresh copy of the base with ``method`` at ``lr`` for one seed, and measure it."""
-    lora = lora or cfg.lora
-    model = prepare(method, base_dir, target, lora, seed)
-    metric = f"target_{target.metric}"
-    curve = lambda m: {metric: target.evaluate(m, cfg.eval_limit)[target.metric]}
+def fine_tune(cfg: CompareConfig, method_name: str, lr: float, seed: int, lora: LoraConfig,
+              base: int | None = None) -> RunResult:
+    """Fine-tune a fresh copy of base ``base`` (default: ``seed``) with a method at ``lr`` and
+    ``seed``, and measure it (a job). A run whose loss becomes NaN stops there and scores 0."""
+    method, base = METHODS[method_name], seed if base is None else base
+    source, target = tasks(cfg.source, cfg.target, cfg.max_train)
+    model = prepare(method, base_dir(cfg, base), target, lora, seed)
+    metric, evaluations = f"target_{target.metric}", []
+
+    def curve(m):  # the test metric along the way (its last evaluation is the final one, unless limited)
+        evaluations.append(target.evaluate(m, cfg.eval_limit))
+        return {metric: evaluations[-1][target.metric]}
     start = {"step": 0, **curve(model)}
-    before = target.evaluate(model)[target.metric]
+    before = start[metric] if cfg.eval_limit is None else target.evaluate(model)[target.metric]
     config = train_config(cfg, lr, seed)
-    history = train(model, target.batch_fn(cfg.train.batch_size), config, loss_fn=target.loss_fn,
-                    optimizer=method.optimizer(model, config), eval_fn=curve, progress=progress,
-                    label=f"{method.name:>8} seed {seed}")
+    try:
+        history = train(model, target.batch_fn(cfg.train.batch_size), config, loss_fn=target.loss_fn,
+                        optimizer=method.optimizer(model, config), eval_fn=curve, progress=False)
+    except TrainingDiverged:
+        return RunResult(method_name, seed, base, lr, 0.0, True, before, 0.0, 0.0, 0.0, None, {}, None, 0.0, [start])
     off = None
     if method.has_adapter:
         with model.disable_adapter():
             off = source_scores(source, model)
-    final = target.evaluate(model)
-    return RunResult(method.name, seed, lr, before, final[target.metric],
+    final = evaluations[-1] if cfg.eval_limit is None else target.evaluate(model)
+    points = [(h["step"], h[metric]) for h in history if metric in h]
+    earlier = min(points, key=lambda p: abs(p[0] - 0.8 * config.steps))[1]  # the curve 80% of the way
+    return RunResult(method_name, seed, base, lr, target.evaluate(model, split="val")[target.metric], False,
+                     before, final[target.metric], max(v for _, v in points), final[target.metric] - earlier,
                      steps_to_reach(history, metric, target.reach), source_scores(source, model), off,
                      float(np.median([h["ms"] for h in history])), [start, *history], final)
 
 
-def grid_score(method: Method, base_dir, target: Task, cfg: CompareConfig, lora: LoraConfig):
-    """validation_score(lr) for ``choose_lr``: a short run, then the target metric on "val"."""
-    def score(lr: float) -> float:
-        model = prepare(method, base_dir, target, lora, cfg.seeds[0])
-        config = replace(train_config(cfg, lr, cfg.seeds[0], cfg.grid_steps), eval_every=0)
-        train(model, target.batch_fn(cfg.train.batch_size), config, loss_fn=target.loss_fn,
-              optimizer=method.optimizer(model, config), progress=False)
-        return target.evaluate(model, split="val")[target.metric]
-    return score
+def run_jobs(cfg: CompareConfig, runs: list, lora: LoraConfig | None = None, base: int | None = None,
+             tag=None) -> dict:
+    """The jobs of ``runs`` ((method, lr, seed) each) on ``lora`` (and ``base``, default each
+    seed's own), keyed (tag, method, lr, seed); each starts once its base is pretrained (or at
+    once, if the base is cached)."""
+    lora, pending = lora or cfg.lora, base_jobs(cfg)
+    after = lambda s: ("base", s) if ("base", s) in pending else None
+    return {(tag, m, lr, s): Job(f"{m:>8} lr {lr:<6g} seed {s}" + ("" if base is None else f" base {base}"),
+                                 fine_tune, (cfg, m, lr, s, lora, base), after=after(s if base is None else base),
+                                 describe=lambda r: (f"validation {r.val_score:.3f}, test {r.target_after:.3f}"
+                                                     + (" (diverged)" if r.diverged else "")))
+            for m, lr, s in runs}
 
 
-def pick_lr(method: Method, base_dir, target: Task, cfg: CompareConfig, lora: LoraConfig | None = None) -> LrChoice:
-    """The method's learning rate: the user's fixed one, or the best of its grid on validation."""
-    if method.name in cfg.lr:
-        return LrChoice((cfg.lr[method.name],), (), cfg.lr[method.name])  # fixed by the user: no grid
-    return choose_lr(method.lr_grid, grid_score(method, base_dir, target, cfg, lora or cfg.lora))
+def grid_runs(cfg: CompareConfig, methods) -> list:
+    """Every (method, lr, seed) of the learning-rate choice of ``methods``."""
+    return [(m, lr, s) for m in methods for lr in cfg.grid(METHODS[m]) for s in cfg.seeds]
 
+
+def pick_lr(cfg: CompareConfig, method: Method, results: dict) -> LrChoice:
+    """The method's rate from its grid runs in ``results`` ((method, lr, seed) -> RunResult)."""
+    if method.name in cfg.lr:  # fixed by the user: no grid
+        return LrChoice((cfg.lr[method.name],), (), cfg.lr[method.name])
+    return choose_lr(cfg.grid(method), lambda lr: [results[method.name, lr, s].val_score for s in cfg.seeds])
+
+
+def run_experiments(cfg: CompareConfig, groups: dict, progress: bool = True) -> dict:
+    """Pretrain the missing bases and run every group on them, on every core. ``groups``: tag ->
+    (runs, lora, base) as ``run_jobs`` takes them; returns tag -> {(method, lr, seed): RunResult}."""
+    jobs = base_jobs(cfg)
+    for tag, (runs, lora, base) in groups.items():
+        jobs.update(run_jobs(cfg, runs, lora, base, tag))
+    out = {tag: {} for tag in groups}
+    for key, result in run_all(jobs, progress).items():
+        if len(key) == 4:  # a run's (tag, method, lr, seed), not a base's ("base", seed)
+            out[key[0]][key[1:]] = result
+    return out
+
+
+def run_experiment(cfg: CompareConfig, runs: list, progress: bool = True, lora: LoraConfig | None = None) -> dict:
+    """``run_experiments`` of one group: (method, lr, seed) -> RunResult."""
+    return run_experiments(cfg, {None: (runs, lora, None)}, progress)[None]
+
+
+# --- the comparison -------------------------------------------------------------------------
 
 @dataclass
 class MethodSummary:
-    """One method over all seeds: its learning-rate choice, its costs, its outcomes."""
+    """One method over all (base, seed) pairs: its learning-rate choice, its costs, its outcomes."""
     method: str
     lr: LrChoice
     trainable_params: int
@@ -239,19 +269,22 @@ class MethodSummary:
     file_bytes: int
     memory: StepMemory
     ms_per_step: float
-    target: Spread
-    steps_to_90: Spread | None       # over the seeds that reached 90%
-    reached_90: int                  # how many seeds did
+    target: Spread                   # at the end
+    target_best: Spread              # the best evaluation during each run
+    target_rise: Spread              # the rise over each run's last fifth of steps (plateau: ~0)
+    steps_to_90: Spread | None       # over the runs that reached 90%
+    reached_90: int                  # how many runs did
     source: dict                     # skill -> Spread, adapter on
     source_adapter_off: dict | None  # skill -> Spread, adapter off
-    retained: Spread                 # per seed, the mean over skills (adapter on)
+    retained: Spread                 # per run, the mean over skills (adapter on)
     metrics: dict = field(default_factory=dict)  # every final metric: name -> Spread (per class: mean list)
 
 
-def summarize(method: Method, choice: LrChoice, runs: list, base_dir, target: Task, cfg: CompareConfig,
-              out: Path, lora: LoraConfig | None = None) -> MethodSummary:
-    """Aggregate the seeds, and measure what one copy costs: parameters, file, step memory."""
-    model = prepare(method, base_dir, target, lora or cfg.lora, cfg.seeds[0])
+def summarize(method: Method, choice: LrChoice, runs: list, cfg: CompareConfig, out: Path,
+              lora: LoraConfig | None = None) -> MethodSummary:
+    """Aggregate the runs, and measure what one copy costs: parameters, file, step memory."""
+    _, target = tasks(cfg.source, cfg.target, cfg.max_train)
+    model = prepare(method, base_dir(cfg, cfg.seeds[0]), target, lora or cfg.lora, cfg.seeds[0])
     folder = out / method.name
     shared = (save_model(folder / "model", model) / "model.npz" if not method.has_adapter
               else model.save_pretrained(folder / "adapter") / "adapter_model.safetensors")
@@ -264,13 +297,14 @@ def summarize(method: Method, choice: LrChoice, runs: list, base_dir, target: Ta
     return MethodSummary(
         method.name, choice, model.num_parameters(trainable_only=True), count_parameters(model),
         file_size(shared), memory, float(np.median([r.ms_per_step for r in runs])),
-        aggregate(r.target_after for r in runs), aggregate(reached) if reached else None, len(reached),
+        aggregate(r.target_after for r in runs), aggregate(r.target_best for r in runs),
+        aggregate(r.target_rise for r in runs), aggregate(reached) if reached else None, len(reached),
         per_skill("source_after"), per_skill("source_adapter_off") if method.has_adapter else None,
         aggregate(np.mean(list(r.source_after.values())) for r in runs), final_metrics(runs))
 
 
 def final_metrics(runs) -> dict:
-    """Each final metric over the seeds: a Spread, or for a per-class list the mean per class."""
+    """Each final metric over the runs: a Spread, or for a per-class list the mean per class."""
     return {k: aggregate(r.metrics[k] for r in runs) if np.isscalar(v) else
             np.mean([r.metrics[k] for r in runs], axis=0).tolist() for k, v in runs[0].metrics.items()}
 
@@ -278,16 +312,17 @@ def final_metrics(runs) -> dict:
 @dataclass
 class CompareResults:
     config: CompareConfig
-    base: dict                       # the base model's report (per-skill accuracy)
+    bases: dict                      # seed -> the base's report (per-skill accuracy), its folder
     target_metric: str
-    target_before: float
-    source_before: dict              # skill -> the base model's accuracy (a text base: its val_loss)
+    target_before: Spread            # the bases' target metric before fine-tuning
+    source_before: dict              # skill -> the bases' accuracy (a text base: its val_loss)
     summaries: list                  # MethodSummary per method
-    runs: list = field(repr=False)   # RunResult per method and seed
+    runs: list = field(repr=False)   # RunResult per method and seed, at the chosen rate
     seconds: float = 0.0
     plots: list = field(default_factory=list)
     source_metric: str = "accuracy"  # "val_loss" for a text base (lower is better)
     class_names: tuple = ()          # the order of per-class metrics (docs)
+    noise_floor: float = 0.01        # the target metric's: paired differences below it are noise
 
     def to_json(self) -> dict:
         """Everything but the per-step histories (those go to history.csv)."""
@@ -298,98 +333,36 @@ class CompareResults:
 
 
 def compare(cfg: CompareConfig, progress: bool = True) -> CompareResults:
-    """Choose each method's lr, run it over every seed, and write results.json, history.csv and
-    the plots into cfg.out."""
+    """Choose each method's lr over the bases, and write results.json, history.csv and the plots
+    of the chosen runs into cfg.out."""
     from ..plots import plot_comparison  # matplotlib is only needed here
 
     start = time.perf_counter()
     out = Path(cfg.out)
-    source, target = make_task(cfg.source), make_task(cfg.target, max_train=cfg.max_train)
-    base_dir = base_model(cfg, progress)
-    base = load_json(base_dir / "config.json")["report"]
-    source_before = source_scores(source, load_model(base_dir)[0])
-    print(f"base model, held-out {source.metric} per source: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in source_before.items()))
+    source, target = tasks(cfg.source, cfg.target, cfg.max_train)
+    print(f"{len(base_jobs(cfg))} of {len(cfg.seeds)} bases to pretrain on '{cfg.source}' (the rest are cached "
+          f"in {cfg.cache}); {len(grid_runs(cfg, cfg.methods))} fine-tuning runs of {cfg.train.steps} steps, "
+          f"{workers()} at a time")
+    results = run_experiment(cfg, grid_runs(cfg, cfg.methods), progress)
+    bases = {s: {"folder": str(base_dir(cfg, s)), **load_json(base_dir(cfg, s) / "config.json")["report"]}
+             for s in cfg.seeds}
+    bodies = [load_model(base_dir(cfg, s))[0] for s in cfg.seeds]
+    before = [source_scores(source, body) for body in bodies]
+    target_before = [target.evaluate(target.make_model(body, s))[target.metric] for body, s in zip(bodies, cfg.seeds)]
     summaries, runs = [], []
     for name in cfg.methods:
         method = METHODS[name]
-        choice = pick_lr(method, base_dir, target, cfg)
-        print(f"{name:>5} lr on validation after {cfg.grid_steps} steps (* chosen): {choice}")
-        method_runs = [run_method(method, choice.chosen, seed, base_dir, source, target, cfg, progress=progress)
-                       for seed in cfg.seeds]
+        choice = pick_lr(cfg, method, results)
+        method_runs = [results[name, choice.chosen, s] for s in cfg.seeds]
         runs += method_runs
-        summaries.append(summarize(method, choice, method_runs, base_dir, target, cfg, out))
-    results = CompareResults(cfg, base, target.metric, runs[0].target_before, source_before, summaries, runs,
-                             source_metric=source.metric, class_names=tuple(target.class_names))
-    results.seconds = time.perf_counter() - start
-    results.plots = [str(p) for p in plot_comparison(results, out)]
-    save_json(out / "results.json", results.to_json())
+        summaries.append(summarize(method, choice, method_runs, cfg, out))
+    outcome = CompareResults(cfg, bases, target.metric, aggregate(target_before),
+                             {k: aggregate(b[k] for b in before) for k in before[0]}, summaries, runs,
+                             source_metric=source.metric, class_names=tuple(target.class_names),
+                             noise_floor=target.noise_floor)
+    outcome.seconds = time.perf_counter() - start
+    outcome.plots = [str(p) for p in plot_comparison(outcome, out)]
+    save_json(out / "results.json", outcome.to_json())
     save_history_csv([{"method": r.method, "seed": r.seed, **h} for r in runs for h in r.history],
                      out / "history.csv")
-    return results
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
-def _spreads(summary: MethodSummary, retained: str = "retained") -> dict:
-    """The outcomes compared between methods: name -> Spread."""
-    out = {"target": summary.target, retained: summary.retained}
-    return out if summary.steps_to_90 is None else {**out, "steps to 90%": summary.steps_to_90}
-
-
-def verdicts(summaries, retained: str = "retained") -> list:
-    """For each pair of methods and each outcome: "differ" or "no difference" (ranges overlap).
-    ``retained`` names the source outcome (a text base's: "source loss", where higher is worse)."""
-    lines = []
-    for i, a in enumerate(summaries):
-        for b in summaries[i + 1:]:
-            for key, sa in _spreads(a, retained).items():
-                sb = _spreads(b, retained).get(key)
-                if sb is not None:
-                    word = "no difference (min-max ranges overlap)" if sa.overlaps(sb) else \
-                        f"{a.method if sa.mean > sb.mean else b.method} higher (ranges apart)"
-                    lines.append(f"{key:>13}: {a.method} vs {b.method}: {word}")
-    return lines
-
-
-def format_table(results: CompareResults) -> str:
-    """The costs, then the outcomes as mean [min-max] over seeds, then which gaps are real."""
-    cfg, seeds = results.config, len(results.config.seeds)
-    rows = [["method", "lr", "trainable", "%", "file", "frozen base", "peak step", "ms/step"]]
-    for s in results.summaries:  # frozen base: memory.params_frozen, by frozen_nbytes (full: none)
-        frozen = _size(s.memory.params_frozen) if s.memory.params_frozen else "0 (all train)"
-        rows.append([s.method, f"{s.lr.chosen:g}", f"{s.trainable_params:,}",
-                     f"{100 * s.trainable_params / s.all_params:.2f}", _size(s.file_bytes), frozen,
-                     _size(s.memory.measured_peak), f"{s.ms_per_step:.1f}"])
-    skills = list(results.source_before)
-    extra = [k for k, v in results.summaries[0].metrics.items()
-             if k != results.target_metric and isinstance(v, Spread)]  # e.g. token accuracy beside entity F1
-    outcome = [["method", f"target {results.target_metric}", *extra, "steps to 90%",
-                *[f"{k} on" for k in skills], *[f"{k} off" for k in skills]]]
-    outcome.append(["base", f"{results.target_before:.3f}", *["" for _ in extra], "",
-                    *[f"{v:.3f}" for v in results.source_before.values()], *["" for _ in skills]])
-    for s in results.summaries:
-        steps = "never" if s.steps_to_90 is None else f"{s.steps_to_90.mean:.0f} [{s.steps_to_90.min:.0f}-{s.steps_to_90.max:.0f}]"
-        if s.steps_to_90 is not None and s.reached_90 < seeds:
-            steps += f" ({s.reached_90}/{seeds})"
-        off = [str(s.source_adapter_off[k]) if s.source_adapter_off else "-" for k in skills]
-        outcome.append([s.method, str(s.target), *[str(s.metrics[k]) for k in extra], steps,
-                        *[str(s.source[k]) for k in skills], *off])
-    source = ("source skills' accuracy" if results.source_metric == "accuracy" else
-              f"source: the base's held-out text {results.source_metric} (lower: more kept)")
-    per_class = [f"{s.method:>5} {k} per class: "
-                 + ", ".join(f"{c} {v:.2f}" for c, v in zip(results.class_names, values))
-                 for s in results.summaries for k, values in s.metrics.items() if isinstance(values, list)]
-    return "\n".join([_grid(rows), "", f"outcomes, mean [min-max] over seeds {list(cfg.seeds)} "
-                      f"({source}, adapter on / off):", _grid(outcome), *([""] + per_class if per_class else []),
-                      "", *verdicts(results.summaries, "retained" if results.source_metric == "accuracy"
-                                    else f"source {results.source_metric}")])
-
-
-def _grid(rows) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return outcome

@@ -1,13 +1,16 @@
 """Floor 8: the longer studies behind ``python -m lora_numpy compare --study NAME``.
 
-    rank     LoRA and PiSSA at r in RANKS (alpha = 2r, so the scale alpha/r stays 2 and the
-             learning rate chosen at the default rank carries over), full fine-tuning as reference
-    lowdata  the main comparison with only LOWDATA_EXAMPLES target training problems
-    memory   peak step memory measured at the benchmark sizes, checked against the formula,
-             then projected with it to GPT-2 124M, LLaMA-2 7B / 70B and LLaMA 65B (with QLoRA
-             rows), and the QLoRA paper's headline (65B fine-tuning in 48 GB) term by term
-    budget   where to spend a fixed number of adapter parameters: q,v at r=16, every Linear at
-             r=4, or the MLP only at the rank whose count is closest to q,v's
+    rank        LoRA and PiSSA at r in RANKS (alpha = 2r, so the scale alpha/r stays 2 and the
+                learning rate chosen at the default rank carries over), full fine-tuning as reference
+    lowdata     the main comparison with only LOWDATA_EXAMPLES target training problems
+    forgetting  the main comparison on FORGETTING_TARGET, a target that shares no circuit with the
+                sources, with each source skill's retention
+    variance    how much an outcome moves with the base, with the fine-tuning seed and with the
+                thread count: every base fine-tuned with every seed, at each method's chosen rate
+    memory      (memory_study.py) peak step memory measured and checked against the formula,
+                then projected to real models
+    budget      where to spend a fixed number of adapter parameters: q,v at r=16, every Linear at
+                r=4, or the MLP only at the rank whose count is closest to q,v's
 """
 from __future__ import annotations
 
@@ -16,27 +19,57 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import parallel
 from ..checkpoint import load_model
 from ..io import save_json
-from ..memory import (FULL, FLOAT32, GPU_BYTES, LORA, PROJECTED_RUNS, PROJECTED_SHAPES, PROJECTION_BATCH,
-                      PROJECTION_SEQ, MemoryBreakdown, ModelShape, QLoRAFit, measure_step, qlora_fit,
-                      step_memory_formula)
-from ..models import GPT, GPTConfig
-from ..optim import AdamW
-from ..peft import LoraConfig, get_peft_model
-from ..recipes import BENCHMARK_SIZES, make_task
-from ..train import default_loss
-from .side_by_side import (CompareConfig, MethodSummary, base_model, compare, pick_lr, run_method,
-                           source_scores, summarize, verdicts)
+from ..memory import ModelShape
+from ..models import GPTConfig
 from .methods import METHODS
+from .protocol import aggregate, paired_verdict
+from .report import RETAINED_FLOOR, format_lr_choices, verdict_rule, verdicts
+from .side_by_side import (CompareConfig, CompareResults, MethodSummary, base_dir, compare, fine_tune, grid_runs,
+                           pick_lr, run_experiments, source_scores, summarize, tasks)
 
 RANKS = (1, 2, 4, 8, 16, 64)
 LOWDATA_EXAMPLES = 300
+# Chosen and written down before it was first run (issue 19): |a-b|, the main job's target, *is*
+# a - b whenever a >= b, so fine-tuning on it must change the subtraction circuit and every
+# method forgets subtraction. Multiplication shares no circuit with addition or subtraction
+# that way, so what a method forgets of them is its own doing. Whether "LoRA forgets less"
+# shows on it is the finding, either way.
+FORGETTING_TARGET = "mul"
 
 
-def lowdata(cfg: CompareConfig, progress: bool = True):
+def lowdata(cfg: CompareConfig, progress: bool = True) -> CompareResults:
     """The main comparison again, with only a few hundred target examples to learn from."""
     return compare(replace(cfg, max_train=LOWDATA_EXAMPLES, out=str(Path(cfg.out) / "lowdata")), progress)
+
+
+def forgetting_study(cfg: CompareConfig, progress: bool = True) -> CompareResults:
+    """The main comparison on FORGETTING_TARGET (the sources stay the job's)."""
+    return compare(replace(cfg, target=FORGETTING_TARGET, out=str(Path(cfg.out) / "forgetting")), progress)
+
+
+def format_retention(results: CompareResults) -> str:
+    """Each source skill's accuracy after fine-tuning over its base's before, mean [min-max] over the
+    runs, and the paired verdicts skill by skill."""
+    before = {s: b for s, b in results.bases.items()}
+    skills = list(results.source_before)
+    ratio = lambda r, k: r.source_after[k] / max(before[r.base][f"accuracy_{k}"], 1e-9)
+    by_method = {}
+    for r in sorted(results.runs, key=lambda r: r.seed):
+        by_method.setdefault(r.method, []).append(r)
+    lines = [f"retention: a source skill's accuracy after fine-tuning / its base's before "
+             f"(adapter on), mean [min-max] over {len(results.config.seeds)} runs"]
+    lines += [f"{m:>8}  " + "   ".join(f"{k} {aggregate(ratio(r, k) for r in runs)}" for k in skills)
+              for m, runs in by_method.items()]
+    names = list(by_method)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for k in skills:
+                lines.append(str(paired_verdict(f"{k} retained", a, b, [ratio(r, k) for r in by_method[a]],
+                                                [ratio(r, k) for r in by_method[b]], RETAINED_FLOOR)))
+    return "\n".join(lines)
 
 
 @dataclass
@@ -44,164 +77,104 @@ class RankStudy:
     ranks: tuple
     full: MethodSummary
     by_rank: list                    # (r, MethodSummary) for lora and pissa
-    target_before: float             # the base model's target accuracy
-    source_before: float             # and its source accuracy, mean over skills
+    target_before: float             # the bases' target accuracy, mean
+    source_before: float             # and their source accuracy, mean over skills and bases
     plot: str = ""
 
 
+def _bases_before(cfg: CompareConfig) -> tuple:
+    """The bases' target metric and source accuracy (mean over skills), each a mean over the bases."""
+    source, target = tasks(cfg.source, cfg.target, cfg.max_train)
+    bodies = [(load_model(base_dir(cfg, s))[0], s) for s in cfg.seeds]
+    return (float(np.mean([target.evaluate(target.make_model(b, s))[target.metric] for b, s in bodies])),
+            float(np.mean([np.mean(list(source_scores(source, b).values())) for b, _ in bodies])))
+
+
 def rank_study(cfg: CompareConfig, progress: bool = True, ranks=RANKS) -> RankStudy:
-    """Capacity: target gained and source kept as the rank grows, over the same seeds. Ranks
-    above the model's width are skipped (a rank-r update needs r <= both sides of a matrix)."""
+    """Capacity: target gained and source kept as the rank grows, over the same (base, seed)
+    pairs. Each method's rate is chosen at the default rank and kept. Ranks above the model's
+    width are skipped (a rank-r update needs r <= both sides of a matrix)."""
     from ..plots import save_rank_study
 
     ranks = tuple(r for r in ranks if r <= cfg.size.n_embd)
     out = Path(cfg.out) / "rank"
-    source, target = make_task(cfg.source), make_task(cfg.target, max_train=cfg.max_train)
-    base_dir = base_model(cfg, progress)
-    base = load_model(base_dir)[0]
-    target_before = target.evaluate(base)[target.metric]
-    source_before = float(np.mean(list(source_scores(source, base).values())))
-    summaries = {}
-    for name in ("full", "lora", "pissa"):
-        method = METHODS[name]
-        choice = pick_lr(method, base_dir, target, cfg)  # at the default rank
-        print(f"{name:>5} lr on validation (* chosen): {choice}")
-        for r in (ranks if method.has_adapter else (None,)):
-            lora = cfg.lora if r is None else replace(cfg.lora, r=r, lora_alpha=2 * r)
-            runs = [run_method(method, choice.chosen, seed, base_dir, source, target, cfg, lora, progress)
-                    for seed in cfg.seeds]
-            summaries[name, r] = summarize(method, choice, runs, base_dir, target, cfg, out / f"r{r}", lora)
-            s = summaries[name, r]
-            print(f"{name:>5} r={r}: target {s.target}, source retained {s.retained}")
+    methods = ("full", "lora", "pissa")
+    grid = run_experiments(cfg, {"grid": (grid_runs(cfg, methods), cfg.lora, None)}, progress)["grid"]
+    choices = {m: pick_lr(cfg, METHODS[m], grid) for m in methods}
+    print(format_lr_choices(choices, "accuracy", cfg.train.steps, cfg.seeds))
+    loras = {r: replace(cfg.lora, r=r, lora_alpha=2 * r) for r in ranks}
+    groups = {r: ([(m, choices[m].chosen, s) for m in ("lora", "pissa") for s in cfg.seeds], lora, None)
+              for r, lora in loras.items() if lora != cfg.lora}
+    by_rank = {**run_experiments(cfg, groups, progress), **{r: grid for r, lora in loras.items() if lora == cfg.lora}}
+    summaries = {("full", None): summarize(METHODS["full"], choices["full"],
+                                           [grid["full", choices["full"].chosen, s] for s in cfg.seeds], cfg, out)}
+    for m in ("lora", "pissa"):
+        for r in ranks:
+            runs = [by_rank[r][m, choices[m].chosen, s] for s in cfg.seeds]
+            summaries[m, r] = summarize(METHODS[m], choices[m], runs, cfg, out / f"r{r}", loras[r])
+            print(f"{m:>5} r={r}: target {summaries[m, r].target}, source retained {summaries[m, r].retained}")
     study = RankStudy(ranks, summaries["full", None],
-                      [(r, s) for (n, r), s in summaries.items() if n != "full"], target_before, source_before)
+                      [(r, s) for (n, r), s in summaries.items() if n != "full"], *_bases_before(cfg))
     study.plot = str(save_rank_study(study, out))
     save_json(out / "results.json", {"ranks": list(ranks), "full": asdict(study.full),
-                                     "target_before": target_before, "source_before": source_before,
+                                     "target_before": study.target_before, "source_before": study.source_before,
                                      "by_rank": [{"r": r, **asdict(s)} for r, s in study.by_rank]})
     return study
 
 
 @dataclass
-class MeasuredMemory:
-    size: str
-    method: str
-    params: int
-    measured_peak: int
-    formula: MemoryBreakdown
+class VarianceStudy:
+    """Where an outcome's spread comes from, per method: the range (max - min) of the target
+    metric and of the source retained, over bases with the seed fixed, over seeds with the base
+    fixed (each a mean over the other factor), and between one thread and two."""
+    methods: tuple
+    lrs: dict                        # method -> the chosen rate
+    target: dict                     # method -> {(base, seed): target metric at the end}
+    retained: dict                   # method -> {(base, seed): source retained}
+    threads: dict                    # method -> max |difference| of (target, retained), 1 vs 2 threads
+    seeds: tuple
 
-    @property
-    def error(self) -> float:
-        """(formula - measured) / measured."""
-        return self.formula.total / self.measured_peak - 1
-
-
-@dataclass
-class ProjectedMemory:
-    shape: str
-    method: str
-    precision: str
-    params: int
-    trainable: int
-    memory: MemoryBreakdown
+    def ranges(self, values: dict) -> tuple:
+        """(from the base, from the seed): mean over seeds of the range over bases, and back."""
+        v = np.array([[values[b, s] for s in self.seeds] for b in self.seeds])  # v[base, seed]
+        return float(np.ptp(v, axis=0).mean()), float(np.ptp(v, axis=1).mean())
 
 
-@dataclass
-class MemoryStudy:
-    measured: list
-    projected: list
-    headline: QLoRAFit
-    batch: int = PROJECTION_BATCH
-    seq: int = PROJECTION_SEQ
-    split_shape: str = "LLaMA-2 7B"
-    plot: str = ""
+def variance_study(cfg: CompareConfig, progress: bool = True) -> VarianceStudy:
+    """Every base fine-tuned with every seed at each method's rate (chosen over the bases as in
+    the main job), and the runs of base 0, seed 0 again in this process with two threads."""
+    grid = run_experiments(cfg, {"grid": (grid_runs(cfg, cfg.methods), cfg.lora, None)}, progress)["grid"]
+    lrs = {m: pick_lr(cfg, METHODS[m], grid).chosen for m in cfg.methods}
+    groups = {b: ([(m, lrs[m], s) for m in cfg.methods for s in cfg.seeds if s != b], cfg.lora, b)
+              for b in cfg.seeds}
+    cross = run_experiments(cfg, groups, progress)
+    run = lambda m, b, s: grid[m, lrs[m], s] if b == s else cross[b][m, lrs[m], s]
+    retained = lambda r: float(np.mean(list(r.source_after.values())))
+    pairs = [(b, s) for b in cfg.seeds for s in cfg.seeds]
+    threads, before = {}, parallel.threads
+    try:
+        parallel.set_threads(2)
+        for m in cfg.methods:
+            again, first = fine_tune(cfg, m, lrs[m], cfg.seeds[0], cfg.lora), grid[m, lrs[m], cfg.seeds[0]]
+            threads[m] = (abs(again.target_after - first.target_after), abs(retained(again) - retained(first)))
+    finally:
+        parallel.set_threads(before)
+    return VarianceStudy(tuple(cfg.methods), lrs, {m: {p: run(m, *p).target_after for p in pairs} for m in cfg.methods},
+                         {m: {p: retained(run(m, *p)) for p in pairs} for m in cfg.methods}, threads, tuple(cfg.seeds))
 
 
-def measure_benchmark_size(name: str, kind) -> MeasuredMemory:
-    """One training step of the benchmark size ``name``, full or LoRA (all-linear, r=8), measured."""
-    size = BENCHMARK_SIZES[name]
-    config = GPTConfig(vocab_size=size.vocab, block_size=size.context, n_layer=size.model.n_layer,
-                       n_head=size.model.n_head, n_embd=size.model.n_embd)
-    model = GPT(config, seed=0)
-    if kind.lora_rank is not None:
-        model = get_peft_model(model, LoraConfig(r=kind.lora_rank, lora_alpha=2 * kind.lora_rank,
-                                                 target_modules=kind.lora_targets))
-    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
-    rng = np.random.default_rng(0)
-    batch = tuple(rng.integers(0, size.vocab, (size.batch, size.context)) for _ in range(2))
-    measure_step(model, batch, default_loss, optimizer)  # warm-up: creates the optimizer state
-    peak = measure_step(model, batch, default_loss, optimizer).measured_peak
-    formula = step_memory_formula(ModelShape.from_gpt_config(config, name), kind, FLOAT32, size.batch, size.context)
-    return MeasuredMemory(name, kind.name, model.num_parameters(), peak, formula)
-
-
-def project(shapes=PROJECTED_SHAPES, runs=PROJECTED_RUNS, batch: int = PROJECTION_BATCH,
-            seq: int = PROJECTION_SEQ) -> list:
-    rows = []
-    for shape in shapes:
-        for kind, precision in runs:
-            trainable = (shape.num_parameters() if kind.lora_rank is None
-                         else shape.lora_parameters(kind.lora_rank, kind.lora_targets))
-            rows.append(ProjectedMemory(shape.name, kind.name, precision.name, shape.num_parameters(),
-                                        trainable, step_memory_formula(shape, kind, precision, batch, seq)))
-    return rows
-
-
-def memory_study(out, progress: bool = True, sizes=tuple(BENCHMARK_SIZES)) -> MemoryStudy:
-    from ..plots import save_memory_study
-
-    measured = []
-    for name in sizes:
-        for kind in (FULL, LORA):
-            measured.append(measure_benchmark_size(name, kind))
-            if progress:
-                m = measured[-1]
-                print(f"measured {name:>6} {kind.name:>4}: peak {m.measured_peak / 2**20:8.2f} MiB, "
-                      f"formula {m.formula.total / 2**20:8.2f} MiB ({m.error:+.1%})")
-    study = MemoryStudy(measured, project(), qlora_fit())
-    study.plot = str(save_memory_study(study, out))
-    save_json(Path(out) / "memory.json", {
-        "measured": [{**asdict(m), "error": m.error} for m in measured],
-        "projected": [asdict(p) for p in study.projected],
-        "qlora_headline": {**asdict(study.headline), "fits_48GB": study.headline.fits},
-        "projection_tokens": {"batch": study.batch, "seq": study.seq}})
-    return study
-
-
-def format_memory(study: MemoryStudy) -> str:
-    gib = lambda b: f"{b / 2**30:9.2f}"
-    lines = [f"projected peak of one training step, batch {study.batch} x {study.seq} tokens, GiB "
-             "(LoRA, QLoRA: r=8 on every Linear of the blocks; QLoRA: those Linears' weights in 4-bit NF4 "
-             "with double quantization; optimizer: AdamW m and v, plus the float32 "
-             "master weights in mixed precision; activ.: activations and backward buffers)",
-             f"{'model':<12} {'params':>14} {'precision':<10} {'method':<6} {'trainable':>14} "
-             f"{'weights':>9} {'grads':>9} {'optimizer':>9} {'activ.':>9} {'total':>9}"]
-    for p in study.projected:
-        m = p.memory
-        lines.append(f"{p.shape:<12} {p.params:>14,} {p.precision.split(' ')[0]:<10} {p.method:<6} "
-                     f"{p.trainable:>14,} {gib(m.weights)} {gib(m.gradients)} {gib(m.optimizer_state)} "
-                     f"{gib(m.activations + m.backward_buffers)} {gib(m.total)}")
-    return "\n".join(lines + ["", *format_qlora_fit(study.headline)])
-
-
-def format_qlora_fit(f: QLoRAFit) -> list:
-    """The QLoRA paper's headline, each term with its count and width."""
-    gib = lambda b: f"{b / 2**30:7.2f} GiB"
-    stat_bits = 8 * f.statistics / f.linear_weights
-    terms = [("4-bit NF4 codes", f.linear_weights, "Linear weights x 4 bits", f.codes),
-             ("statistics (double q.)", f.linear_weights, f"Linear weights x {stat_bits:.3f} bits", f.statistics),
-             ("other weights, bf16", f.other_weights, "embeddings, head, norms x 2 B", f.other),
-             ("LoRA weights, bf16", f.adapter_params, "x 2 B", f.adapter_weights),
-             ("LoRA gradients, bf16", f.adapter_params, "x 2 B", f.adapter_gradients),
-             ("LoRA master + AdamW", f.adapter_params, "x (4 + 8) B", f.adapter_optimizer)]
-    lines = [f"the QLoRA paper's headline from the same formula: {f.shape}, LoRA r={f.lora_rank} on every "
-             f"Linear of the blocks, batch {f.batch} x {f.seq} tokens, gradient checkpointing, bf16 mixed precision"]
-    lines += [f"  {name:<23}{count:>15,} {width:<31}{gib(value)}" for name, count, width, value in terms]
-    lines += [f"  {'activations':<23}{'block inputs, one block recomputed':>47}{gib(f.activations)}",
-              f"  {'total':<70}{gib(f.total)} = {f.total / 1e9:.1f} GB: "
-              f"{'fits' if f.fits else 'does not fit'} in one 48 GB GPU ({GPU_BYTES / 2**30:.0f} GiB)",
-              f"  {'full fine-tuning, same setting':<70}{gib(f.full_total)}"]
-    return lines
+def format_variance(study: VarianceStudy, metric: str = "accuracy") -> str:
+    rows = [f"where the spread comes from: range (max - min) over {len(study.seeds)} bases with the seed fixed, "
+            f"over {len(study.seeds)} fine-tuning seeds with the base fixed (each a mean over the other), "
+            "and between one thread and two (base 0, seed 0)",
+            f"{'method':>8} {'lr':>7} | {'target ' + metric:^38} | {'source retained':^38}",
+            f"{'':>8} {'':>7} | {'base':>12} {'seed':>12} {'threads':>12} | {'base':>12} {'seed':>12} {'threads':>12}"]
+    for m in study.methods:
+        tb, ts = study.ranges(study.target[m])
+        rb, rs = study.ranges(study.retained[m])
+        tt, rt = study.threads[m]
+        rows.append(f"{m:>8} {study.lrs[m]:>7g} | {tb:>12.3f} {ts:>12.3f} {tt:>12.3f} | {rb:>12.3f} {rs:>12.3f} {rt:>12.3f}")
+    return "\n".join(rows)
 
 
 @dataclass(frozen=True)
@@ -244,36 +217,45 @@ class BudgetStudy:
     target_before: float
     source_before: float
     seeds: tuple
+    runs: list = field(repr=False)   # RunResult per set and seed at its rate (method = the set's label)
+    noise_floor: float = 0.01        # the target metric's (Task.noise_floor)
+    eval_every: int = 50
+    steps: int = 400
 
 
 def budget_study(cfg: CompareConfig, progress: bool = True, sets=BUDGET_SETS) -> BudgetStudy:
     """Target sets at (nearly) one parameter budget, each LoRA (alpha = 2r) at its own learning
-    rate chosen on validation from the grid, over the same seeds."""
+    rate chosen on validation over the bases, on the same (base, seed) pairs."""
     out = Path(cfg.out) / "budget"
-    source, target = make_task(cfg.source), make_task(cfg.target, max_train=cfg.max_train)
     too_wide = [s.label for s in sets if s.r is not None and s.r > cfg.size.n_embd]
     if too_wide:
         raise ValueError(f"{too_wide} need a rank above the model width {cfg.size.n_embd}: "
                          f"use --n-embd >= {max(s.r for s in sets if s.r)}")
-    base_dir = base_model(cfg, progress)
-    base = load_model(base_dir)[0]
-    target_before = target.evaluate(base)[target.metric]
-    source_before = float(np.mean(list(source_scores(source, base).values())))
-    shape = ModelShape.from_gpt_config(base.config)
+    source, _ = tasks(cfg.source, cfg.target, cfg.max_train)
+    shape = ModelShape.from_gpt_config(GPTConfig(vocab_size=source.vocab_size, block_size=source.block_size,
+                                                 n_layer=cfg.size.n_layer, n_head=cfg.size.n_head,
+                                                 n_embd=cfg.size.n_embd))
     budget = shape.lora_parameters(sets[0].r, sets[0].target_modules)
-    method, rows = METHODS["lora"], []
+    method = METHODS["lora"]
+    loras = {}
     for s in sets:
         r = s.r or matched_rank(shape, s.target_modules, budget)
-        lora = replace(cfg.lora, r=r, lora_alpha=2 * r, target_modules=s.target_modules)
-        choice = pick_lr(method, base_dir, target, cfg, lora)
-        print(f"{s.label:>14} (r={r}) lr on validation (* chosen): {choice}")
-        runs = [run_method(method, choice.chosen, seed, base_dir, source, target, cfg, lora, progress)
-                for seed in cfg.seeds]
+        loras[s.label] = replace(cfg.lora, r=r, lora_alpha=2 * r, target_modules=s.target_modules)
+    results = run_experiments(cfg, {label: (grid_runs(cfg, ["lora"]), lora, None) for label, lora in loras.items()},
+                              progress)
+    rows, runs = [], []
+    for s in sets:
+        lora, choice = loras[s.label], pick_lr(cfg, method, results[s.label])
+        set_runs = [replace(results[s.label]["lora", choice.chosen, seed], method=s.label) for seed in cfg.seeds]
+        runs += set_runs
         folder = out / s.label.replace(" ", "_").replace(",", "").replace("=", "")
-        summary = replace(summarize(method, choice, runs, base_dir, target, cfg, folder, lora), method=s.label)
-        rows.append(BudgetRow(s.label, s.target_modules, r, lora.lora_alpha,
-                              shape.lora_parameters(r, s.target_modules), summary))
-    study = BudgetStudy(budget, rows, target_before, source_before, tuple(cfg.seeds))
+        summary = replace(summarize(method, choice, set_runs, cfg, folder, lora), method=s.label)
+        rows.append(BudgetRow(s.label, s.target_modules, lora.r, lora.lora_alpha,
+                              shape.lora_parameters(lora.r, s.target_modules), summary))
+    target_before, source_before = _bases_before(cfg)
+    study = BudgetStudy(budget, rows, target_before, source_before, tuple(cfg.seeds), runs,
+                        tasks(cfg.source, cfg.target, cfg.max_train)[1].noise_floor, cfg.train.eval_every,
+                        cfg.train.steps)
     save_json(out / "results.json", {"budget": budget, "target_before": target_before,
                                      "source_before": source_before, "seeds": list(cfg.seeds),
                                      "rows": [asdict(row) for row in rows]})
@@ -292,7 +274,8 @@ def format_budget(study: BudgetStudy) -> str:
 
     lines = [f"adapter parameters matched to {study.rows[0].label}: {study.budget:,}; "
              f"base: target {study.target_before:.3f}, source {study.source_before:.3f}",
-             f"outcomes, mean [min-max] over seeds {list(study.seeds)} (retained: source skills, adapter on)",
+             f"outcomes, mean [min-max] over {n} runs, run k: base k fine-tuned with seed k, seeds "
+             f"{list(study.seeds)} (retained: source skills, adapter on)",
              f"{'set':<15} {'modules':<18} {'r':>2} {'alpha':>5} {'adapter':>8} {'vs budget':>9} {'lr':>6} "
              f"{'target accuracy':>20} {'steps to 90%':>17} {'retained':>20}"]
     for row in study.rows:
@@ -301,4 +284,5 @@ def format_budget(study: BudgetStudy) -> str:
         lines.append(f"{row.label:<15} {modules:<18} {row.r:>2} {row.lora_alpha:>5g} {row.adapter_params:>8,} "
                      f"{row.adapter_params / study.budget - 1:>+9.1%} {s.lr.chosen:>6g} {str(s.target):>20} "
                      f"{steps(s):>17} {str(s.retained):>20}")
-    return "\n".join([*lines, "", *verdicts([row.summary for row in study.rows])])
+    return "\n".join([*lines, "", verdict_rule(study.noise_floor, study.eval_every, n),
+                      *map(str, verdicts(study.runs, study.noise_floor, study.eval_every, study.steps))])
