@@ -102,6 +102,7 @@ def _cmd_compare(args) -> int:
         return 0
     if args.study == "variance":
         print("\n" + format_variance(variance_study(cfg, progress=not args.quiet)))
+        print(f"\nwrote {cfg.out}/variance/results.json")
         return 0
     run = {"lowdata": lowdata, "forgetting": forgetting_study}.get(args.study, compare)
     results = run(cfg, progress=not args.quiet)

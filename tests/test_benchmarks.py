@@ -43,3 +43,20 @@ def test_train_step_against_torch_gives_both_splits(tmp_path):
     assert row["rest_for_goal_ms"] == pytest.approx(0.85 * torch_step - row["products_at_peak_ms"])
     # the same initial weights and batch: the first losses agree (the table's own check)
     assert row["lora_numpy"]["first_loss"] == pytest.approx(row["torch"]["first_loss"], rel=1e-5)
+
+
+def test_robustness_finds_one_and_two_threads_bit_identical(tmp_path):
+    """benchmarks/robustness.py at a toy size: the two thread counts' runs are the same bits, so
+    their verdict lines are the same lines (the README shows the default job's)."""
+    out = tmp_path / "robustness.json"
+    printed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "robustness.py"), "--no-kernel", "--out", str(tmp_path),
+         "--json", str(out), "--", "--steps", "6", "--base-steps", "10", "--n-embd", "16", "--n-head", "2",
+         "--n-layer", "1", "--batch-size", "8", "--seeds", "0", "1", "--methods", "full", "lora"],
+        check=True, capture_output=True, text=True, timeout=300).stdout
+    result = json.loads(out.read_text())
+    assert list(result) == ["1 thread", "2 threads"]
+    two = result["2 threads"]
+    assert two["against_first"]["identical"] and two["against_first"]["verdicts_identical"]
+    assert two["verdicts"] == result["1 thread"]["verdicts"] and len(two["verdicts"]) >= 3
+    assert "runs bit-identical" in printed and "verdict lines identical" in printed

@@ -100,6 +100,7 @@ class Verdict:
     differences: tuple      # a - b per pair
     floor: float
     more: str = "higher"    # the word for a larger value ("slower" for steps to a threshold)
+    digits: int = 3         # of the differences printed
 
     @property
     def word(self) -> str:
@@ -114,12 +115,12 @@ class Verdict:
     def __str__(self) -> str:
         d = self.differences
         return (f"{self.outcome:>13}: {self.a} vs {self.b}: {self.word} "
-                f"({self.a} - {self.b} per pair: {', '.join(f'{v:+.3f}' for v in d)})")
+                f"({self.a} - {self.b} per pair: {', '.join(f'{v:+.{self.digits}f}' for v in d)})")
 
 
 def paired_verdict(outcome: str, a: str, b: str, values_a, values_b, floor: float,
-                   more: str = "higher") -> Verdict:
+                   more: str = "higher", digits: int = 3) -> Verdict:
     """``values_a[k]`` and ``values_b[k]`` come from the same pair k (same base, same seed)."""
     if len(values_a) != len(values_b) or not len(values_a):
         raise ValueError(f"paired values need one per pair on both sides, got {len(values_a)} and {len(values_b)}")
-    return Verdict(outcome, a, b, tuple(float(x - y) for x, y in zip(values_a, values_b)), floor, more)
+    return Verdict(outcome, a, b, tuple(float(x - y) for x, y in zip(values_a, values_b)), floor, more, digits)

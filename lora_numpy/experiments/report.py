@@ -57,18 +57,19 @@ def verdicts(runs, noise_floor: float, eval_every: int, steps: int, retained: st
     by_method = _by_method(runs)
     names = list(dict.fromkeys(r.method for r in runs))
     never = steps + eval_every
-    outcomes = [("target", noise_floor, "higher", lambda r: r.target_after),
-                (retained, RETAINED_FLOOR, "higher", lambda r: float(np.mean(list(r.source_after.values())))),
-                ("steps to 90%", eval_every, "slower", lambda r: never if r.steps_to_90 is None else r.steps_to_90)]
+    kept = "higher" if retained == "retained" else "higher: kept less"  # a text base's loss
+    outcomes = [("target", noise_floor, "higher", 3, lambda r: r.target_after),
+                (retained, RETAINED_FLOOR, kept, 3, lambda r: float(np.mean(list(r.source_after.values())))),
+                ("steps to 90%", eval_every, "slower", 0, lambda r: never if r.steps_to_90 is None else r.steps_to_90)]
     lines = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             ra, rb = by_method[a], by_method[b]
-            for outcome, floor, more, value in outcomes:
+            for outcome, floor, more, digits, value in outcomes:
                 if outcome == "steps to 90%" and all(r.steps_to_90 is None for r in ra + rb):
                     continue
                 lines.append(paired_verdict(outcome, a, b, [value(r) for r in ra], [value(r) for r in rb],
-                                            floor, more))
+                                            floor, more, digits))
     return lines
 
 

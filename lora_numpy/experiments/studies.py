@@ -159,8 +159,13 @@ def variance_study(cfg: CompareConfig, progress: bool = True) -> VarianceStudy:
             threads[m] = (abs(again.target_after - first.target_after), abs(retained(again) - retained(first)))
     finally:
         parallel.set_threads(before)
-    return VarianceStudy(tuple(cfg.methods), lrs, {m: {p: run(m, *p).target_after for p in pairs} for m in cfg.methods},
-                         {m: {p: retained(run(m, *p)) for p in pairs} for m in cfg.methods}, threads, tuple(cfg.seeds))
+    study = VarianceStudy(tuple(cfg.methods), lrs, {m: {p: run(m, *p).target_after for p in pairs} for m in cfg.methods},
+                          {m: {p: retained(run(m, *p)) for p in pairs} for m in cfg.methods}, threads, tuple(cfg.seeds))
+    save_json(Path(cfg.out) / "variance" / "results.json", {
+        "seeds": list(study.seeds), "lrs": lrs, "threads": threads,
+        "runs": [{"method": m, "base": b, "seed": s, "target": study.target[m][b, s], "retained": study.retained[m][b, s]}
+                 for m in study.methods for b, s in pairs]})
+    return study
 
 
 def format_variance(study: VarianceStudy, metric: str = "accuracy") -> str:
