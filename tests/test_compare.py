@@ -270,3 +270,27 @@ def test_compare_runs_dora_loraplus_qlora_qpissa(tmp_path, cache, capsys, monkey
     magnitudes = [k for k in dora if k.endswith("lora_magnitude_vector")]
     assert len(magnitudes) == 6 * LAYERS  # one per adapted Linear
     assert summaries["dora"]["trainable_params"] == summaries["lora"]["trainable_params"] + LAYERS * (5 * D + 4 * D)
+
+
+def test_forgetting_and_variance_studies_from_the_command_line(tmp_path, cache, capsys):
+    """--study forgetting fine-tunes on FORGETTING_TARGET and prints each skill's retention, pair
+    by pair; --study variance crosses every base with every seed at the chosen rates."""
+    from lora_numpy.experiments import FORGETTING_TARGET
+    out = tmp_path / "studies"
+    assert main(["compare", *FAST, "--study", "forgetting", "--out", str(out), "--cache", str(cache)]) == 0
+    printed = capsys.readouterr().out
+    forget = _load_results(out / "forgetting")
+    assert forget["config"]["target"] == FORGETTING_TARGET == "mul" and forget["config"]["source"] == "add,sub"
+    assert "retention: a source skill's accuracy after fine-tuning / its base's before" in printed
+    assert printed.count("add retained: ") == printed.count("sub retained: ") == 3  # three pairs of methods
+
+    assert main(["compare", *FAST, "--study", "variance", "--out", str(out), "--cache", str(cache)]) == 0
+    printed = capsys.readouterr().out
+    variance = json.loads((out / "variance" / "results.json").read_text())
+    pairs = {(r["base"], r["seed"]) for r in variance["runs"]}
+    assert pairs == {(b, s) for b in SEEDS for s in SEEDS}  # every base with every seed
+    assert len(variance["runs"]) == len(METHODS) * len(SEEDS) ** 2
+    for method in METHODS:
+        assert variance["lrs"][method] in LR_GRID
+        assert variance["threads"][method] == [0.0, 0.0]  # one thread and two: the same bits
+        assert f"{method:>8} " in printed

@@ -23,12 +23,10 @@ def test_the_default_base_knows_each_source_skill(tmp_path):
     """The main job's base (`compare`'s defaults, cold cache): >= 95% held-out exact match on
     each skill of its mixture, so forgetting can be measured skill by skill."""
     from lora_numpy.checkpoint import load_model
-    from lora_numpy.experiments import CompareConfig, base_dir
-    from lora_numpy.experiments.bases import pretrain_base
+    from lora_numpy.experiments import CompareConfig, base_model
     cfg = CompareConfig(cache=str(tmp_path))
     assert len(cfg.source.split(",")) >= 2 and cfg.target not in cfg.source.split(",")
-    pretrain_base(cfg, cfg.seeds[0])
-    model, meta = load_model(base_dir(cfg, cfg.seeds[0]))
+    model, meta = load_model(base_model(cfg, progress=False))
     report = meta["report"]
     scores = make_task(cfg.source).evaluate(model)  # the whole test split of each skill
     for skill in cfg.source.split(","):

@@ -64,6 +64,17 @@ def pretrain_base(cfg, seed: int) -> dict:
                     progress=False)[1]
 
 
+def base_model(cfg, seed: int = 0, progress: bool = True) -> Path:
+    """The folder of the base pretrained with ``seed``, pretrained here first if the cache has
+    none; its config.json holds the pretraining report (held-out accuracy per skill)."""
+    folder = base_dir(cfg, seed)
+    if not (folder / "model.npz").is_file():
+        if progress:
+            print(f"pretraining the base of seed {seed} on '{cfg.source}' ({cfg.base_steps} steps) into {folder}")
+        pretrain_base(cfg, seed)
+    return folder
+
+
 def base_jobs(cfg) -> dict:
     """The jobs that pretrain the bases not in the cache yet, keyed ("base", seed)."""
     missing = [s for s in cfg.seeds if not (base_dir(cfg, s) / "model.npz").is_file()]

@@ -140,11 +140,16 @@ class VarianceStudy:
         return float(np.ptp(v, axis=0).mean()), float(np.ptp(v, axis=1).mean())
 
 
-def variance_study(cfg: CompareConfig, progress: bool = True) -> VarianceStudy:
-    """Every base fine-tuned with every seed at each method's rate (chosen over the bases as in
-    the main job), and the runs of base 0, seed 0 again in this process with two threads."""
-    grid = run_experiments(cfg, {"grid": (grid_runs(cfg, cfg.methods), cfg.lora, None)}, progress)["grid"]
-    lrs = {m: pick_lr(cfg, METHODS[m], grid).chosen for m in cfg.methods}
+def variance_study(cfg: CompareConfig, progress: bool = True, main: CompareResults | None = None) -> VarianceStudy:
+    """Every base fine-tuned with every seed at each method's rate, chosen over the bases as in
+    the main job (``main``: a finished main job on ``cfg``, whose rates and runs are reused), and
+    the runs of base 0, seed 0 again in this process with two threads."""
+    if main is None:
+        grid = run_experiments(cfg, {"grid": (grid_runs(cfg, cfg.methods), cfg.lora, None)}, progress)["grid"]
+        lrs = {m: pick_lr(cfg, METHODS[m], grid).chosen for m in cfg.methods}
+    else:
+        lrs = {s.method: s.lr.chosen for s in main.summaries}
+        grid = {(r.method, r.lr, r.seed): r for r in main.runs}
     groups = {b: ([(m, lrs[m], s) for m in cfg.methods for s in cfg.seeds if s != b], cfg.lora, b)
               for b in cfg.seeds}
     cross = run_experiments(cfg, groups, progress)
