@@ -134,3 +134,19 @@ def test_a_run_is_scored_on_validation_and_gets_its_methods_own_optimizer(monkey
     run = fine_tune(cfg, "own", 1e-3, 0, cfg.lora)
     assert given == [("own optimizer", 1e-3, cfg.train.weight_decay)]
     assert run.val_score == 0.5 and target.splits.count("val") == 1
+
+
+def test_a_run_whose_loss_becomes_nan_scores_zero_and_is_marked(monkeypatch):
+    from lora_numpy.train import TrainingDiverged
+
+    def diverging_train(*args, **kwargs):
+        raise TrainingDiverged("loss became nan at step 3")
+    target = _FakeTask({})
+    monkeypatch.setattr(compare_module, "train", diverging_train)
+    monkeypatch.setattr(compare_module, "prepare", lambda *args: {})
+    monkeypatch.setattr(compare_module, "tasks", lambda *args: (target, target))
+    cfg = CompareConfig()
+    run = fine_tune(cfg, "full", 3e-2, 0, cfg.lora)
+    assert run.diverged and run.val_score == 0.0 and run.target_after == 0.0
+    assert np.isnan(run.source_after["fake"]) and run.source_adapter_off is None
+    assert "val" not in target.splits  # nothing of a broken model is scored

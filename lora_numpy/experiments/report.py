@@ -43,7 +43,8 @@ def format_lr_choices(choices: dict, metric: str, steps: int, bases) -> str:
     return "\n".join(lines)
 
 
-def _by_method(runs) -> dict:
+def runs_by_method(runs) -> dict:
+    """method -> its runs, in the order of their seeds (so that index k pairs run k of every method)."""
     out = {}
     for r in sorted(runs, key=lambda r: r.seed):
         out.setdefault(r.method, []).append(r)
@@ -54,7 +55,7 @@ def verdicts(runs, noise_floor: float, eval_every: int, steps: int, retained: st
     """For each pair of methods (in the order of ``runs``) and each outcome, the paired verdict.
     ``retained`` names the source outcome (a text base's: "source val_loss", where higher is worse).
     A run that never reached 90% counts as one evaluation past the end of training."""
-    by_method = _by_method(runs)
+    by_method = runs_by_method(runs)
     names = list(dict.fromkeys(r.method for r in runs))
     never = steps + eval_every
     kept = "higher" if retained == "retained" else "higher: kept less"  # a text base's loss

@@ -157,6 +157,11 @@ def source_scores(source: Task, model) -> dict:
     return {skill: scores[f"{source.metric}_{skill}"] for skill in source.skills}
 
 
+def unknown_scores(source: Task) -> dict:
+    """source_scores' keys, each NaN: what a run whose loss became NaN knows is not measured."""
+    return {k: float("nan") for k in (source.skills if len(source.skills) > 1 else [source.name])}
+
+
 @dataclass
 class RunResult:
     """One method at one learning rate on one (base, seed) pair."""
@@ -201,7 +206,11 @@ def fine_tune(cfg: CompareConfig, method_name: str, lr: float, seed: int, lora: 
         history = train(model, target.batch_fn(cfg.train.batch_size), config, loss_fn=target.loss_fn,
                         optimizer=method.optimizer(model, config), eval_fn=curve, progress=False)
     except TrainingDiverged:
-        return RunResult(method_name, seed, base, lr, 0.0, True, before, 0.0, 0.0, 0.0, None, {}, None, 0.0, [start])
+        return RunResult(method_name, seed, base, lr, val_score=0.0, diverged=True, target_before=before,
+                         target_after=0.0, target_best=0.0, target_rise=0.0, steps_to_90=None,
+                         source_after=unknown_scores(source),
+                         source_adapter_off=unknown_scores(source) if method.has_adapter else None,
+                         ms_per_step=0.0, history=[start])
     off = None
     if method.has_adapter:
         with model.disable_adapter():

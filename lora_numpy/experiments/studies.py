@@ -26,7 +26,7 @@ from ..memory import ModelShape
 from ..models import GPTConfig
 from .methods import METHODS
 from .protocol import aggregate, paired_verdict
-from .report import RETAINED_FLOOR, format_lr_choices, verdict_rule, verdicts
+from .report import RETAINED_FLOOR, format_lr_choices, runs_by_method, verdict_rule, verdicts
 from .side_by_side import (CompareConfig, CompareResults, MethodSummary, base_dir, compare, fine_tune, grid_runs,
                            pick_lr, run_experiments, source_scores, summarize, tasks)
 
@@ -53,12 +53,10 @@ def forgetting_study(cfg: CompareConfig, progress: bool = True) -> CompareResult
 def format_retention(results: CompareResults) -> str:
     """Each source skill's accuracy after fine-tuning over its base's before, mean [min-max] over the
     runs, and the paired verdicts skill by skill."""
-    before = {s: b for s, b in results.bases.items()}
+    before = results.bases
     skills = list(results.source_before)
     ratio = lambda r, k: r.source_after[k] / max(before[r.base][f"accuracy_{k}"], 1e-9)
-    by_method = {}
-    for r in sorted(results.runs, key=lambda r: r.seed):
-        by_method.setdefault(r.method, []).append(r)
+    by_method = runs_by_method(results.runs)
     lines = [f"retention: a source skill's accuracy after fine-tuning / its base's before "
              f"(adapter on), mean [min-max] over {len(results.config.seeds)} runs"]
     lines += [f"{m:>8}  " + "   ".join(f"{k} {aggregate(ratio(r, k) for r in runs)}" for k in skills)
@@ -108,6 +106,8 @@ def rank_study(cfg: CompareConfig, progress: bool = True, ranks=RANKS) -> RankSt
     by_rank = {**run_experiments(cfg, groups, progress), **{r: grid for r, lora in loras.items() if lora == cfg.lora}}
     summaries = {("full", None): summarize(METHODS["full"], choices["full"],
                                            [grid["full", choices["full"].chosen, s] for s in cfg.seeds], cfg, out)}
+    full = summaries["full", None]
+    print(f" full, every weight: target {full.target}, source retained {full.retained}")
     for m in ("lora", "pissa"):
         for r in ranks:
             runs = [by_rank[r][m, choices[m].chosen, s] for s in cfg.seeds]
@@ -273,7 +273,8 @@ def budget_study(cfg: CompareConfig, progress: bool = True, sets=BUDGET_SETS) ->
 
 
 def format_budget(study: BudgetStudy) -> str:
-    """One line per target set (outcomes as mean [min-max] over seeds), then which gaps are real."""
+    """Each set's learning-rate scores, one line per target set (outcomes as mean [min-max] over
+    the runs), then the paired verdicts."""
     n = len(study.seeds)
 
     def steps(s: MethodSummary) -> str:
@@ -282,7 +283,9 @@ def format_budget(study: BudgetStudy) -> str:
         x = s.steps_to_90
         return f"{x.mean:.0f} [{x.min:.0f}-{x.max:.0f}]" + (f" ({s.reached_90}/{n})" if s.reached_90 < n else "")
 
-    lines = [f"adapter parameters matched to {study.rows[0].label}: {study.budget:,}; "
+    lines = [format_lr_choices({row.label: row.summary.lr for row in study.rows}, "accuracy", study.steps,
+                               study.seeds), "",
+             f"adapter parameters matched to {study.rows[0].label}: {study.budget:,}; "
              f"base: target {study.target_before:.3f}, source {study.source_before:.3f}",
              f"outcomes, mean [min-max] over {n} runs, run k: base k fine-tuned with seed k, seeds "
              f"{list(study.seeds)} (retained: source skills, adapter on)",
