@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, method in METHODS.items():
         p.add_argument(f"--lr-{name}", type=float, default=None,
                        help=f"fix {name}'s learning rate instead of choosing from {list(method.lr_grid)} "
-                            "(text targets: side_by_side.TEXT_LR_GRID)")
+                            "(text targets: side_by_side.TEXT_DEFAULTS)")
     p.add_argument("--max-train", type=int, default=d.max_train, help="target training examples (default: all)")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.train.batch_size}{per_target}")
     p.add_argument("--base-steps", type=int, default=None,

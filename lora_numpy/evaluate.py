@@ -83,7 +83,7 @@ def greedy_until_stop(model, prompts: list, stop_id: int, max_new_tokens: int,
 
     All rows share one right-padded buffer, and step k reads row i's logits at its own last
     position. Causal attention makes this exact: a position never sees the padding after it,
-    so one forward pass per step serves every row, whatever its length.
+    so one forward pass per step serves every unfinished row, whatever its length.
     """
     if getattr(getattr(model, "config", None), "causal", True) is False:
         raise ValueError("greedy decoding needs a causal (decoder) model; this one has causal=False")
@@ -98,18 +98,17 @@ def greedy_until_stop(model, prompts: list, stop_id: int, max_new_tokens: int,
         buffer[row, :len(p)] = p
     done = np.zeros(len(prompts), dtype=bool)
     cursor = lengths.copy()  # where each row's next token goes
-    rows = np.arange(len(prompts))
     with evaluating(model):
         for _ in range(max_new_tokens):
-            end = min(int(cursor.max()), block_size)
-            logits = backend.to_numpy(model(buffer[:, :end])[0].data)
-            nxt = logits[rows, np.minimum(cursor, end) - 1].argmax(-1)
-            active = ~done & (cursor < width)
-            buffer[rows[active], cursor[active]] = nxt[active]
-            done |= active & (nxt == stop_id)
-            cursor += active
-            if done.all() or not active.any():
+            active = np.flatnonzero(~done & (cursor < width))  # a finished row needs no more passes
+            if not active.size:
                 break
+            end = min(int(cursor[active].max()), block_size)
+            logits = backend.to_numpy(model(buffer[active, :end])[0].data)
+            nxt = logits[np.arange(active.size), np.minimum(cursor[active], end) - 1].argmax(-1)
+            buffer[active, cursor[active]] = nxt
+            done[active] |= nxt == stop_id
+            cursor[active] += 1
     out = []
     for row, p in enumerate(prompts):
         generated = buffer[row, len(p):cursor[row]]

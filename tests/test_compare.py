@@ -118,7 +118,7 @@ def test_the_base_cache_key_changes_with_every_base_setting(monkeypatch):
     assert base_settings(d, 0) != keys[0]
     monkeypatch.undo()
     # fine-tuning settings do not change the base
-    assert base_settings(replace(d, seeds=(5,), lr_grid=(1e-3,), train=replace(d.train, steps=300, warmup_steps=30)), 0) == keys[0]
+    assert base_settings(replace(d, seeds=(5,), lr_grid={"full": (1e-3,)}, train=replace(d.train, steps=300, warmup_steps=30)), 0) == keys[0]
 
 
 def test_compare_classification_trains_the_score_head(tmp_path, cache, capsys):

@@ -37,7 +37,7 @@ def test_an_edge_is_flagged_and_only_a_faster_rate_can_fail():
 
 
 def _run(method, lr, seed, val, test):
-    return RunResult(method, seed, seed, lr, val, False, 0.0, test, test, 0.0, None, {"add": 1.0}, None, 1.0, [])
+    return RunResult(method, seed, seed, lr, val, False, test, test, 0.0, None, {"add": 1.0}, None, 1.0, [])
 
 
 def test_pick_lr_reads_the_validation_scores_of_every_base_never_the_test_split():
@@ -57,7 +57,10 @@ def test_a_fixed_learning_rate_skips_the_grid():
     choice = pick_lr(cfg, method, {})
     assert choice.chosen == 5e-4 and choice.grid == (5e-4,) and choice.scores == ()
     assert "fixed" in str(choice)
-    assert CompareConfig(lr_grid=(3e-2, 1e-2)).grid(method) == (1e-2, 3e-2)  # a config's grid, sorted
+    assert CompareConfig(lr_grid={"full": (3e-2, 1e-2)}).grid(method) == (1e-2, 3e-2)  # a config's grid, sorted
+    assert CompareConfig(lr_grid={"lora": (3e-2,)}).grid(method) == (1.0, 2.0)        # another method's: its own
+    with pytest.raises(ValueError, match="maps a method to its rates"):
+        CompareConfig(lr_grid=(1e-3, 3e-3))
 
 
 def test_aggregation():

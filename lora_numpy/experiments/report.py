@@ -103,7 +103,8 @@ def format_table(results) -> str:
             steps += f" ({s.reached_90}/{n})"
         off = [str(s.source_adapter_off[k]) if s.source_adapter_off else "-" for k in skills]
         rise = f"{s.target_rise.mean:+.3f} [{s.target_rise.min:+.3f} to {s.target_rise.max:+.3f}]"
-        outcome.append([s.method, str(s.target), str(s.target_best), rise, *[str(s.metrics[k]) for k in extra], steps,
+        curve = [str(s.target_best), rise] if np.isfinite(s.target_best.mean) else ["-", "-"]  # no curve to read
+        outcome.append([s.method, str(s.target), *curve, *[str(s.metrics[k]) for k in extra], steps,
                         *[str(s.source[k]) for k in skills], *off])
     source = ("source skills' accuracy" if results.source_metric == "accuracy" else
               f"source: the base's held-out text {results.source_metric} (lower: more kept)")
