@@ -28,8 +28,8 @@ get_peft_model against PEFT's inject_adapter_in_model on the torch twin (PEFT in
 otherwise). "lora/full" is lora_numpy's LoRA step over its own full step.
 
 Matrix-product throughput: the script times a 2048x2048 by 2048x2048 float32 product with NumPy
-(median of 5, same threads; the faster of BLAS on its own threads and lora_numpy's bands of one
-BLAS thread each) as the machine's peak, counts the multiply-adds of every matrix
+(median of 5, lora_numpy's bands of one BLAS thread each, as every product in a step) as the
+machine's peak, counts the multiply-adds of every matrix
 product in a full step (each Linear's forward, input and weight gradients; attention's q kᵀ,
 P v and their four backward products), and prints FLOPs of the step / step time / peak: the
 fraction of the peak the whole step reaches, everything else (elementwise ops, Python, the
@@ -248,17 +248,11 @@ def torch_gpt(cfg):
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large float32 product a @ b (n x n each) with NumPy: the machine's peak.
-    The best of BLAS on its own threads and of lora_numpy's bands (one BLAS thread each)."""
+    """FLOP/s of a large float32 product a @ b (n x n each) with NumPy: the machine's peak, in
+    lora_numpy's bands (one BLAS thread each), as every product of a step runs."""
     rng = np.random.default_rng(0)
     a, b = (backend.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
-    bands = parallel.threads
-    best = 0.0
-    for threads in sorted({1, bands}):  # 1: the pool off, BLAS on its own threads
-        parallel.set_threads(threads)
-        best = max(best, 2 * n ** 3 / median_seconds(lambda: parallel.matmul(a, b), repeats))
-    parallel.set_threads(bands)
-    return best
+    return 2 * n ** 3 / median_seconds(lambda: parallel.matmul(a, b), repeats)
 
 
 def median_seconds(product, repeats: int) -> float:
@@ -369,7 +363,7 @@ def main():
     print(f"LoRA: {LORA}")
     global PEAK, TORCH_PEAK
     PEAK = matmul_peak_flops()
-    print(f"matrix-product peak (NumPy, 2048^3 float32, best of BLAS's threads and the bands, median of 5): {PEAK / 1e9:.1f} GFLOP/s")
+    print(f"matrix-product peak (NumPy, 2048^3 float32 in {parallel.threads} bands, median of 5): {PEAK / 1e9:.1f} GFLOP/s")
     TORCH_PEAK = torch_matmul_peak_flops() if torch is not None else None
     if TORCH_PEAK is not None:
         print(f"matrix-product peak (torch.mm, 2048^3 float32, median of 5): {TORCH_PEAK / 1e9:.1f} GFLOP/s")

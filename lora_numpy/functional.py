@@ -31,6 +31,12 @@ def _sum_rows(a2):
     return backend.xp.ones(a2.shape[0], dtype=a2.dtype) @ a2
 
 
+def _token_rows(a):
+    """(..., D) -> (N, D), a view where it can be: fused ops cut their bands by tokens, not by
+    sequences (a batch of 16 sequences is too few rows for bands cut at ROW_TILE)."""
+    return a.reshape(-1, a.shape[-1] if a.ndim else 1)
+
+
 def _mean_last(a):
     """Mean over the last axis, kept as an axis of size 1: (..., D) -> (..., 1), as a · (1/D)."""
     d = a.shape[-1]
@@ -241,8 +247,9 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
                              "(one entry per feature of the last axis)")
     xp = backend.xp
     w = weight.data if weight is not None else xp.ones(d, dtype=x.dtype)
-    xhat, y = xp.empty_like(x.data), xp.empty_like(x.data)
-    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    x2 = _token_rows(x.data)                                            # (N, D): bands cut tokens
+    xhat, y = xp.empty_like(x2), xp.empty_like(x2)
+    rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)
 
     def forward(x, xhat, rstd, y):
         xp.subtract(x, _mean_last(x), out=xhat)                         # x - μ
@@ -252,13 +259,14 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         xp.multiply(xhat, w, out=y)
         if bias is not None:
             y += bias.data
-    parallel.over_rows(forward, x.data, xhat, rstd, y)
+    parallel.over_rows(forward, x2, xhat, rstd, y)
     parents = tuple(p for p in (x, weight, bias) if p is not None)
 
     def backward(g):
         # dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)), ĝ = g · weight;  dweight = Σ_rows g ⊙ x̂;
         # dbias = Σ_rows g (the two sums run over every row: they are taken after the bands).
-        dx = xp.empty_like(g)
+        g2 = _token_rows(g)
+        dx = xp.empty_like(g2)
 
         def band(g, xhat, rstd, dx):
             gh = g * w                                                          # ĝ
@@ -267,14 +275,14 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
             dx -= _mean_last(gh)
             dx *= rstd
         if x.requires_grad:
-            parallel.over_rows(band, g, xhat, rstd, dx)
-        grads = [dx if x.requires_grad else None]
-        rows_g, rows_xhat = g.reshape(-1, d), xhat.reshape(-1, d)
+            parallel.over_rows(band, g2, xhat, rstd, dx)
+        grads = [dx.reshape(x.shape) if x.requires_grad else None]
         if weight is not None:
-            grads.append(xp.einsum("ni,ni->i", rows_g, rows_xhat) if weight.requires_grad else None)
+            grads.append(xp.einsum("ni,ni->i", g2, xhat) if weight.requires_grad else None)
         if bias is not None:
-            grads.append(_sum_rows(rows_g) if bias.requires_grad else None)
+            grads.append(_sum_rows(g2) if bias.requires_grad else None)
         return grads
+    y = y.reshape(x.shape)
     return Tensor.from_op(y, parents, backward, "layer_norm", saved=(xhat, rstd, w))
 
 
@@ -285,7 +293,8 @@ def gelu(x: Tensor) -> Tensor:
     # passes over the array instead of 12 with tanh u (forward + backward, interleaved, median
     # of 61, 1 thread: 0.84x the time at 2048x512, 0.86x at 2048x1536 and at 512x256).
     xp = backend.xp
-    s, y = xp.empty_like(x.data), xp.empty_like(x.data)
+    a2 = _token_rows(x.data)
+    s, y = xp.empty_like(a2), xp.empty_like(a2)
 
     def forward(a, s, y):
         xp.multiply(a, a, out=s)
@@ -296,12 +305,13 @@ def gelu(x: Tensor) -> Tensor:
         s += 1.0
         s *= 0.5                            # s = ½ (1 + tanh u)
         xp.multiply(a, s, out=y)
-    parallel.over_rows(forward, x.data, s, y)
+    parallel.over_rows(forward, a2, s, y, align=1)  # elementwise: any cut gives the same bits
 
     def backward(g):
         # dy/dx = s + x s' with s' = 2 s (1 - s) u' (as 1 - tanh²u = 4 s (1 - s)), so
         # dy/dx = s (1 + 2 x (1 - s) √(2/π) (1 + 3·0.044715 x²))
-        d = xp.empty_like(g)
+        g2 = _token_rows(g)
+        d = xp.empty_like(g2)
 
         def band(a, s, g, d):
             xp.multiply(a, a, out=d)
@@ -312,9 +322,9 @@ def gelu(x: Tensor) -> Tensor:
             d += 1.0
             d *= s
             d *= g
-        parallel.over_rows(band, x.data, s, g, d)
-        return (d,)
-    return Tensor.from_op(y, (x,), backward, "gelu", saved=(s,))
+        parallel.over_rows(band, a2, s, g2, d, align=1)
+        return (d.reshape(x.shape),)
+    return Tensor.from_op(y.reshape(x.shape), (x,), backward, "gelu", saved=(s,))
 
 
 def dropout_mask(shape, p: float, rng, dtype):

@@ -190,7 +190,7 @@ class AdamW(Optimizer):
             xp.divide(m, scratch, out=scratch)
             scratch *= lr / bias1  # η m̂ / (√v̂ + ε), with m̂ = m / (1−β₁ᵗ)
             theta -= scratch
-        parallel.over_rows(band, p.data, g, m, v)
+        parallel.over_rows(band, p.data, g, m, v, align=1)  # elementwise: any cut, same bits
 
 
 def param_groups_for_weight_decay(named_parameters, weight_decay: float) -> list:

@@ -131,6 +131,21 @@ def test_blas_runs_one_thread_whatever_ran_before(bands):
     assert seen == [1] * 6
 
 
+@needs_pool
+@pytest.mark.parametrize("op", [F.layer_norm, F.gelu], ids=["layer_norm", "gelu"])
+def test_a_fused_op_cuts_its_bands_by_tokens_not_by_sequences(bands, monkeypatch, op):
+    """16 sequences of 128 tokens (the benchmark's medium batch): too few sequences for bands
+    cut at ROW_TILE, so cut by sequences the op would run on one thread."""
+    rows_per_band = []
+    run_band = parallel._run_band
+    monkeypatch.setattr(parallel, "_run_band",
+                        lambda kernel, arrays: (rows_per_band.append(arrays[0].shape[0]),
+                                                run_band(kernel, arrays)))
+    x = Tensor(np.ones((16, 128, 8), dtype=np.float32), requires_grad=True)
+    bands(2, lambda: op(x).backward(np.ones(x.shape, dtype=np.float32)))
+    assert len(rows_per_band) == 4 and min(rows_per_band) >= 1000  # forward and backward, 2048 tokens
+
+
 def test_an_array_with_fewer_rows_than_bands_makes_it_one_band(bands):
     seen = []
     bands(2, lambda: parallel.over_rows(lambda a, b: seen.append((a.shape, b.shape)),
